@@ -1,0 +1,81 @@
+"""The default config every recipe starts from, and the checks that turn bad values into one clear line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from jaxllm.models.config import ModelConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key a recipe may set, with its default. Recipes override what they need."""
+  c = ml_collections.ConfigDict()
+  c.task = "causal_lm"        # causal_lm (more tasks: see the recipes)
+  c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=50304, d_model=768, num_layers=12, num_heads=12, num_kv_heads=0, head_dim=0,
+      d_ff=0, max_seq_len=1024, family="gpt", position="learned", norm="layernorm", norm_eps=1e-5,
+      activation="gelu_tanh", use_bias=True, tie_embeddings=True, embed_norm=False,
+      rope_theta=10000.0, dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
+      remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="stdlib",        # stdlib | text | jsonl
+      path="",                # file, folder or glob for text/jsonl
+      field="text",           # JSON field holding the document
+      text_unit="file",       # text: one document per file or per line
+      max_chars=0,            # cap on characters read (0 = all)
+      tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer
+      tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
+      seq_len=1024,
+      val_fraction=0.05,      # documents held out for evaluation
+      seed=0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, batch_size=8, grad_accum=1, log_every=10, eval_every=200, eval_steps=10,
+      checkpoint_every=500, keep_checkpoints=3, seed=0, async_checkpoint=True,
+      trainable="",           # regex over parameter paths that train; empty = all
+      sample_prompt="",       # text to complete with the trained model at the end ("" = none)
+      sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
+      peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
+      tensorboard=True, progress=True))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+      grad_clip=1.0))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work."""
+
+
+def validate(config: Any, num_devices: int) -> ModelConfig:
+  """Checks values against each other and the hardware; returns the ModelConfig."""
+  from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
+  try:
+    model_cfg = ModelConfig.from_config(config.model)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from e
+  data, fsdp, _ = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+  t = config.train
+  if t.steps <= 0:
+    raise ConfigError(f"train.steps={t.steps} must be positive.")
+  if t.grad_accum <= 0 or t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}.")
+  micro = t.batch_size // t.grad_accum
+  if micro % (data * fsdp):
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} / grad_accum={t.grad_accum} = {micro} sequences per micro-batch "
+        f"is not divisible by the mesh's data x fsdp = {data * fsdp}; use a multiple of {data * fsdp}.")
+  if config.data.seq_len > model_cfg.max_seq_len and model_cfg.position == "learned":
+    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if t[key] <= 0:
+      raise ConfigError(f"train.{key}={t[key]} must be positive.")
+  return model_cfg

@@ -1,0 +1,1 @@
+"""Input pipeline: sources of documents, tokenizing, packing, batching per host."""

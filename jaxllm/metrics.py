@@ -1,0 +1,87 @@
+"""One writer for run metrics: a progress bar on the console, DIR/metrics.jsonl and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+
+
+def perplexity(loss: float) -> float:
+  """exp(loss), reported as inf instead of overflowing."""
+  try:
+    return math.exp(loss)
+  except OverflowError:
+    return float("inf")
+
+
+class MetricsWriter:
+  """Writes scalars on the main process only (process 0 of a multi-host run)."""
+
+  def __init__(self, workdir: str, total_steps: int, initial_step: int = 0,
+               tensorboard: bool = True, progress: bool = True):
+    self.active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    self._bar = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if progress:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                       file=sys.stdout, mininterval=1.0)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.active:
+      return
+    clean = {k: _to_python(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, step)
+    if self._bar is not None:
+      shown = {k: clean[k] for k in ("loss", "eval_loss", "eval_ppl", "tokens_per_s") if k in clean}
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+      if "eval_loss" in clean:
+        self._bar.write(f"step {step}: eval_loss {clean['eval_loss']:.4f}  eval_ppl {clean['eval_ppl']:.2f}")
+
+  def advance(self, step: int) -> None:
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.refresh()
+
+  def text(self, message: str) -> None:
+    """A line of text to the console (above the progress bar)."""
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+  if hasattr(v, "item"):
+    v = v.item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return v if math.isnan(v) else (float("inf") if v > 0 else float("-inf"))
+  return v

@@ -1,0 +1,109 @@
+"""The model's hyperparameters as one frozen dataclass, built from `config.model`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything a model needs to know about its shape and numerics.
+
+  One config covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied
+  embeddings), LLaMA (RMSNorm, SwiGLU, rotary, grouped-query attention, no
+  biases, untied head) and Bloom (ALiBi, LayerNorm on the embeddings).
+  """
+  vocab_size: int = 50257
+  d_model: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  num_kv_heads: int = 0          # 0 means num_heads (multi-head attention)
+  head_dim: int = 0              # 0 means d_model // num_heads
+  d_ff: int = 0                  # 0 means 4 * d_model
+  max_seq_len: int = 1024
+  family: str = "gpt"            # gpt | bert
+  position: str = "learned"      # learned | rotary | alibi | none
+  norm: str = "layernorm"        # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  activation: str = "gelu_tanh"  # gelu_tanh | gelu | relu | silu | swiglu | geglu
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  embed_norm: bool = False       # Bloom: LayerNorm right after the token embedding
+  rope_theta: float = 10000.0
+  dropout_rate: float = 0.0
+  init_std: float = 0.02
+  dtype: str = "float32"         # compute dtype
+  param_dtype: str = "float32"   # storage dtype of the master weights
+  remat: str = "none"            # none | dots | full
+  attention_impl: str = "auto"   # auto | xla | cudnn
+  # BERT only.
+  type_vocab_size: int = 2
+  use_pooler: bool = False
+
+  def __post_init__(self):
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    object.__setattr__(self, "num_kv_heads", num_kv_heads)
+    object.__setattr__(self, "head_dim", self.head_dim or self.d_model // self.num_heads)
+    object.__setattr__(self, "d_ff", self.d_ff or 4 * self.d_model)
+    if self.num_heads % num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads="
+          f"{num_kv_heads}; grouped-query attention needs whole groups.")
+    for name, allowed in (("position", ("learned", "rotary", "alibi", "none")),
+                          ("norm", ("layernorm", "rmsnorm")),
+                          ("activation", ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")),
+                          ("remat", ("none", "dots", "full")),
+                          ("attention_impl", ("auto", "xla", "cudnn")),
+                          ("dtype", tuple(_DTYPES)), ("param_dtype", tuple(_DTYPES)),
+                          ("family", ("gpt", "bert"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
+    if self.position == "rotary" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}.")
+
+  @classmethod
+  def from_config(cls, model_cfg: Any) -> "ModelConfig":
+    """Builds from a ConfigDict (or dict), ignoring keys that are not model fields."""
+    values = dict(model_cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Parameter count from the shapes (no model build needed)."""
+    d, h, kv, hd, ff = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
+    gated = self.activation in ("swiglu", "geglu")
+    attn = d * hd * (h + 2 * kv) + h * hd * d
+    mlp = d * ff * (3 if gated else 2)
+    norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+    biases = (hd * (h + 2 * kv) + d + ff * (2 if gated else 1) + d) if self.use_bias else 0
+    norm_size = d * (2 if self.norm == "layernorm" else 1)
+    total = self.num_layers * (attn + mlp + norms + biases) + norm_size * (2 if self.embed_norm else 1)
+    if include_embeddings:
+      total += self.vocab_size * d
+      if not self.tie_embeddings:
+        total += self.vocab_size * d
+      if self.position == "learned":
+        total += self.max_seq_len * d
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12 * L * H * Q * T (PaLM appendix B, as in nanoGPT).
+
+    N counts the non-embedding weights plus the output projection (its matmul is
+    real work even when tied); the second term is the attention scores and values.
+    """
+    n = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+    return 6 * n + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len

@@ -1,0 +1,102 @@
+"""The GPT-family decoder: GPT-2, LLaMA-style and Bloom-style blocks from one config."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.layers import Attention, Mlp, alibi_bias, attention_mask, make_norm
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+               deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
+    h = Attention(cfg, name="attn")(h, positions, mask, bias, deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
+    h = Mlp(cfg, name="mlp")(h, deterministic)
+    return x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+
+
+class GPT(nn.Module):
+  """Decoder-only language model. Returns logits [batch, seq, vocab] in float32."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                    ("vocab", "embed")))
+    if cfg.position == "learned":
+      self.pos_embed = nn.Embed(
+          cfg.max_seq_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01),
+                                                      (None, "embed")))
+    if cfg.embed_norm:
+      self.embed_norm = make_norm(cfg, "embed_norm")
+    block = Block
+    if cfg.remat != "none":
+      # `deterministic` (argument 5, counting the module as 0) is a Python bool.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True,
+                       static_argnums=(5,))
+    self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+    self.final_norm = make_norm(cfg, "final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(
+          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                   ("embed", "vocab")))
+
+  def embed_tokens(self, tokens: Array, positions: Array) -> Array:
+    x = self.embed(tokens)
+    if self.cfg.position == "learned":
+      x = x + self.pos_embed(positions)
+    if self.cfg.embed_norm:
+      x = self.embed_norm(x)
+    return x
+
+  def logits(self, x: Array) -> Array:
+    x = self.final_norm(x).astype(self.cfg.compute_dtype)
+    if self.cfg.tie_embeddings:
+      out = self.embed.attend(x)
+    else:
+      out = self.lm_head(x)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """tokens [batch, seq] int; positions [batch, seq] (restart per packed document);
+    segment_ids [batch, seq] (documents never attend across); prefix_len [batch] (prefix-LM)."""
+    cfg = self.cfg
+    batch, seq_len = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+    x = self.embed_tokens(tokens, positions)
+    x = self.dropout(x, deterministic=deterministic)
+    mask = attention_mask(seq_len, segment_ids, prefix_len, causal=True, batch=batch)
+    bias = None
+    if cfg.position == "alibi":
+      bias = alibi_bias(cfg.num_heads, positions, positions)
+      if mask is None:  # the bias path needs the causal mask spelled out
+        mask = attention_mask(seq_len, jnp.zeros((batch, seq_len), jnp.int32), None, True, batch)
+    for layer in self.layers:
+      x = layer(x, positions, mask, bias, deterministic)
+    return self.logits(x)

@@ -1,0 +1,153 @@
+"""Building blocks shared by every model: norms, positions, attention masks, attention, MLP.
+
+Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`, `vocab`, `norm`); `jaxllm.sharding` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def dense_init(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm, computed in float32 for stability whatever the compute dtype."""
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+                      scale_init=scale_init, bias_init=zeros_init(("norm",)), name=name)
+
+
+def activation_fn(name: str):
+  return {"gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+          "gelu": lambda x: nn.gelu(x, approximate=False),
+          "geglu": lambda x: nn.gelu(x, approximate=False),
+          "relu": nn.relu, "silu": nn.silu, "swiglu": nn.silu}[name]
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
+  """Rotates pairs (i, i + head_dim/2) of `x` [batch, seq, heads, head_dim] (the LLaMA/HF layout)."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # [batch, seq, 1, head_dim/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def alibi_slopes(num_heads: int) -> Array:
+  """Per-head ALiBi slopes (Press et al.; the Bloom variant for head counts that aren't powers of 2)."""
+  closest = 2 ** math.floor(math.log2(num_heads))
+  base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+  slopes = [base ** (i + 1) for i in range(closest)]
+  if closest != num_heads:
+    extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+    slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads: int, q_positions: Array, k_positions: Array) -> Array:
+  """[batch, heads, q_len, k_len] bias slope * (key_pos - query_pos); per-row constants cancel in softmax."""
+  rel = (k_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)
+  return alibi_slopes(num_heads)[None, :, None, None] * rel[:, None, :, :]
+
+
+def attention_mask(q_len: int, segment_ids: Array | None = None, prefix_len: Array | None = None,
+                   causal: bool = True, batch: int = 1) -> Array | None:
+  """Boolean [batch, 1, q_len, k_len] mask (True = may attend), or None for plain causal.
+
+  segment_ids [batch, seq]: tokens only see tokens of the same segment (packed documents).
+  prefix_len [batch]: the first prefix_len tokens see each other both ways (prefix-LM).
+  """
+  if segment_ids is None and prefix_len is None:
+    return None
+  mask = jnp.ones((batch, q_len, q_len), bool)
+  if causal:
+    i = jnp.arange(q_len)[:, None]
+    j = jnp.arange(q_len)[None, :]
+    allowed = j <= i
+    if prefix_len is not None:
+      allowed = allowed | (j[None] < prefix_len[:, None, None])
+    mask = mask & allowed
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+  cfg: ModelConfig
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+               deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
+        features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=dense_init(cfg.init_std, ("embed",) + axes),
+        bias_init=zeros_init(axes), name=name)
+    q = dense((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), "query")(x)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "key")(x)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "value")(x)
+    # q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]
+    if cfg.position == "rotary":
+      q = rotary_embedding(q, positions, cfg.rope_theta)
+      k = rotary_embedding(k, positions, cfg.rope_theta)
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=self.causal and mask is None,
+                                impl=cfg.attention_impl)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, kernel_init=dense_init(out_std, ("heads", "head_dim", "embed")),
+        bias_init=zeros_init(("embed",)), name="out")(out)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None, bias: Array | None,
+                          causal: bool, impl: str = "auto") -> Array:
+  """Scaled dot-product attention; picks cuDNN's fused kernel on GPU where it applies."""
+  implementation = None if impl == "auto" else impl
+  if bias is not None:
+    bias = bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
+                                      implementation=implementation)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: act(x W_in) W_out, or the gated form act(x W_gate) * (x W_up) W_out."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    cfg = self.cfg
+    dense = lambda features, axes, std, name: nn.Dense(  # noqa: E731
+        features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=dense_init(std, axes), bias_init=zeros_init(axes[-1:]), name=name)
+    act = activation_fn(cfg.activation)
+    if cfg.activation in ("swiglu", "geglu"):
+      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_gate")(x))
+      h = h * dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_up")(x)
+    else:
+      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi")(x))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    return dense(cfg.d_model, ("mlp", "embed"), out_std, "wo")(h)

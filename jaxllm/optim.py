@@ -1,0 +1,74 @@
+"""AdamW with warmup-cosine, masked weight decay and clipping; the trainable/frozen split.
+
+The split is a regular expression over parameter paths ("layer_3/attn/query/kernel"):
+what matches trains, the rest is frozen and never differentiated. Full training,
+prompt tuning and LoRA differ only in that pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import optax
+from flax import traverse_util
+
+# Parameters whose path contains one of these never get weight decay: biases,
+# norm scales, and embeddings (decaying them hurts rare tokens).
+NO_DECAY_NAMES = ("bias", "scale", "embed", "embedding", "pos_embed", "prompt")
+
+
+def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+  warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.min_lr)
+
+
+def decay_mask(params: Any) -> Any:
+  """True where weight decay applies: matrices that are not embeddings."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({
+      path: not any(part in NO_DECAY_NAMES for part in path) and getattr(leaf, "ndim", 0) >= 2
+      for path, leaf in flat.items()})
+
+
+def build_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = learning_rate_schedule(optim_cfg, total_steps)
+  transforms = []
+  if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
+    transforms.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  transforms.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                                weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+  return optax.chain(*transforms), schedule
+
+
+def path_str(path: tuple[str, ...]) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def partition_params(params: Any, trainable_pattern: str | None) -> tuple[dict, dict]:
+  """Splits a nested param dict into (trainable, frozen) by regex search on each path.
+
+  `trainable_pattern` None or "" means everything trains. Both halves keep the
+  nesting, so `merge_params` restores the original tree.
+  """
+  if not trainable_pattern:
+    return params, {}
+  regex = re.compile(trainable_pattern)
+  flat = traverse_util.flatten_dict(params)
+  trainable = {k: v for k, v in flat.items() if regex.search(path_str(k))}
+  if not trainable:
+    raise ValueError(f"train.trainable={trainable_pattern!r} matches no parameter; paths look like "
+                     f"{path_str(next(iter(flat)))!r}.")
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Any, frozen: Any) -> Any:
+  if not frozen:
+    return trainable
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,91 @@
+"""Builds the model, optimizer and sharded train state from a config.
+
+The state's shardings come from the parameters' logical axis names; it is born
+sharded (jit with out_shardings), so no host ever holds a full copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxllm import optim
+from jaxllm.models import ModelConfig, build_model
+from jaxllm.sharding import logical_shardings, replicated
+from jaxllm.step import Batch, TrainState
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the loop needs that is derived from the config."""
+  model: nn.Module
+  model_cfg: ModelConfig
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  apply_fn: Callable[[Any, Batch, jax.Array, bool], jax.Array]
+  state_shardings: TrainState
+  abstract_state: TrainState
+  init_fn: Callable[[jax.Array], TrainState]
+
+
+def lm_apply_fn(model: nn.Module):
+  """The causal-LM forward used by the train/eval steps."""
+  def apply_fn(params, batch: Batch, rng: jax.Array, deterministic: bool) -> jax.Array:
+    return model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                       segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
+                       deterministic=deterministic, rngs={"dropout": rng})
+  return apply_fn
+
+
+def dummy_inputs(seq_len: int) -> jax.Array:
+  return jnp.zeros((1, seq_len), jnp.int32)
+
+
+def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
+               apply_fn_factory=lm_apply_fn) -> Setup:
+  model = build_model(model_cfg)
+  optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
+  seq_len = min(config.data.seq_len, model_cfg.max_seq_len)
+  trainable_pattern = config.train.get("trainable", "")
+
+  def init_params(rng):
+    return model.init(rng, dummy_inputs(seq_len))["params"]
+
+  boxed_params = jax.eval_shape(init_params, jax.random.key(0))
+  param_shardings = logical_shardings(boxed_params, mesh)
+  abstract_params = nn.meta.unbox(boxed_params)
+  trainable_abs, frozen_abs = optim.partition_params(abstract_params, trainable_pattern)
+  trainable_sh, frozen_sh = optim.partition_params(param_shardings, trainable_pattern)
+  abstract_opt = jax.eval_shape(optimizer.init, trainable_abs)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_opt, trainable_sh,
+      transform_non_params=lambda _: replicated(mesh))
+  state_shardings = TrainState(step=replicated(mesh), params=trainable_sh, frozen=frozen_sh,
+                               opt_state=opt_shardings)
+  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable_abs,
+                              frozen=frozen_abs, opt_state=abstract_opt)
+
+  def init_state(rng: jax.Array, params: Any | None = None) -> TrainState:
+    if params is None:
+      params = nn.meta.unbox(init_params(rng))
+    trainable, frozen = optim.partition_params(params, trainable_pattern)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                      opt_state=optimizer.init(trainable))
+
+  init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
+               apply_fn=apply_fn_factory(model), state_shardings=state_shardings,
+               abstract_state=abstract_state, init_fn=init_fn)
+
+
+def param_shardings_of(setup: Setup) -> Any:
+  return optim.merge_params(setup.state_shardings.params, setup.state_shardings.frozen)
+
+
+def abstract_params_of(setup: Setup) -> Any:
+  return optim.merge_params(setup.abstract_state.params, setup.abstract_state.frozen)

@@ -1,0 +1,198 @@
+"""The training CLI and loop.
+
+  python -m jaxllm.train --config configs/quickstart.py --workdir runs/quick [--config.train.steps=100]
+
+Builds everything from the config, resumes from the latest checkpoint in the
+workdir if there is one, trains, evaluates, checkpoints and logs metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxllm import checkpoint, hardware
+from jaxllm.config import ConfigError, validate
+from jaxllm.data.pipeline import lm_dataset, take_batches
+from jaxllm.data.sources import DataError, load_documents, train_val_split
+from jaxllm.generate import generate
+from jaxllm.metrics import MetricsWriter, perplexity
+from jaxllm.optim import merge_params
+from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
+from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_of
+from jaxllm.step import eval_step, train_step
+from jaxllm.tokenizer import load_tokenizer, train_bpe
+
+USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError)
+
+
+def prepare_tokenizer(config: Any, workdir: str, train_docs: list[str]):
+  """Loads data.tokenizer, or trains a byte-level BPE on the training documents (once per workdir)."""
+  if config.data.tokenizer:
+    tokenizer = load_tokenizer(config.data.tokenizer)
+  else:
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(tok_dir):
+      tokenizer = load_tokenizer(tok_dir)
+    else:
+      vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
+      tokenizer = train_bpe(train_docs, vocab)
+      if jax.process_index() == 0:
+        tokenizer.save_pretrained(tok_dir)
+  if len(tokenizer) > config.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
+                      f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
+  if tokenizer.eos_token_id is None:
+    raise ConfigError("the tokenizer has no EOS token; documents need one appended. Set eos_token.")
+  return tokenizer
+
+
+def build_datasets(config: Any, tokenizer: Any, train_docs: list[str], val_docs: list[str]):
+  per_host = config.train.batch_size // jax.process_count()
+  kwargs = dict(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, seq_len=config.data.seq_len,
+                batch_size=per_host, shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_ds = lm_dataset(train_docs, seed=config.data.seed, **kwargs)
+  val_batches = []
+  if val_docs and config.train.eval_steps > 0:
+    val_ds = lm_dataset(val_docs, seed=config.data.seed, shuffle=False, repeat=False, **kwargs)
+    val_batches = take_batches(val_ds, config.train.eval_steps)
+    if not val_batches:
+      raise DataError(f"the validation split ({len(val_docs)} documents) is shorter than one batch of "
+                      f"{per_host} x {config.data.seq_len} tokens; raise data.val_fraction.")
+  return train_ds, val_batches
+
+
+def compile_steps(setup: Setup, config: Any, mesh):
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
+                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh)
+  jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
+                      out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
+  jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),
+                     in_shardings=(setup.state_shardings, batch_sharding),
+                     out_shardings=replicated(mesh))
+  return jit_train, jit_eval
+
+
+def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
+  sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
+  sums = jax.device_get(sums)
+  loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight_sum"]) for s in sums), 1.0)
+  return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+
+
+def run(config: Any, workdir: str) -> dict[str, float]:
+  """Trains as configured; returns the last logged metrics."""
+  model_cfg = validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  docs = load_documents(config.data)
+  train_docs, val_docs = train_val_split(docs, config.data.val_fraction, config.data.seed)
+  tokenizer = prepare_tokenizer(config, workdir, train_docs)
+  train_ds, val_batches = build_datasets(config, tokenizer, train_docs, val_docs)
+  train_iter = iter(train_ds)
+
+  setup = make_setup(config, model_cfg, mesh)
+  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+  abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+  restored = checkpoint.restore(manager, abstract)
+  rng = jax.random.key(config.train.seed)
+  if restored is not None:
+    state, data_state, start_step = restored
+    if data_state:
+      train_iter.set_state(data_state)
+  else:
+    params = None
+    if config.init_from:
+      params = checkpoint.load_params(
+          config.init_from, checkpoint.abstract_with_shardings(abstract_params_of(setup),
+                                                               param_shardings_of(setup)))
+    init_rng = jax.random.fold_in(rng, 1)
+    state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
+    start_step = 0
+
+  jit_train, jit_eval = compile_steps(setup, config, mesh)
+  total_steps = config.train.steps
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  flops_per_token = model_cfg.flops_per_token(config.data.seq_len)
+  peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
+  writer = MetricsWriter(workdir, total_steps, start_step, config.train.tensorboard, config.train.progress)
+  num_params = model_cfg.num_params()
+  writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
+              f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+
+  pending: list[dict[str, jax.Array]] = []
+  last: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  step = start_step
+  while step < total_steps:
+    local_batch = next(train_iter)
+    state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
+    pending.append(metrics)
+    step += 1
+    window_steps += 1
+    is_last = step == total_steps
+    if step % config.train.log_every == 0 or is_last:
+      fetched = jax.device_get(pending)  # the only host sync: once per log interval
+      elapsed = time.perf_counter() - window_start
+      tokens_per_s = window_steps * tokens_per_step / elapsed
+      last = {"loss": float(np.mean([m["loss"] for m in fetched])),
+              "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
+              "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+      pending.clear()
+      if val_batches and (step % config.train.eval_every == 0 or is_last):
+        last.update(evaluate(jit_eval, state, val_batches, mesh))
+      writer.write(step, last)
+      writer.advance(step)
+      window_start, window_steps = time.perf_counter(), 0
+    if step % config.train.checkpoint_every == 0 or is_last:
+      checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+
+  if config.train.sample_prompt and jax.process_index() == 0:
+    prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
+    params = jax.device_get(merge_params(state.params, state.frozen))
+    new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
+                       rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
+                       top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+    print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(new_ids) + "\n--------------",
+          flush=True)
+  return last
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+  config = flags.FLAGS.config
+  try:
+    run(config, flags.FLAGS.workdir)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def cli():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
