@@ -1,0 +1,1 @@
+"""The training core: mesh equivalence, sharded memory, accumulation, resume, CLI errors."""
