@@ -68,18 +68,12 @@ def load_params(path: str, abstract_params: Any) -> Any:
       raise CheckpointError(f"init_from={path}: no jaxllm checkpoint there (expected <dir>/checkpoints/<step>/state).")
     step_dir = os.path.join(path, str(steps[-1]))
   state_dir = os.path.join(step_dir, "state")
-  metadata = ocp.StandardCheckpointer().metadata(state_dir)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  if "params" not in tree:
-    raise CheckpointError(f"init_from={step_dir}: the checkpoint holds no 'params'.")
+  if not os.path.isdir(state_dir):
+    raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
   restore_target = {"params": abstract_params}
-  if tree.get("frozen"):
-    raise CheckpointError(f"init_from={step_dir}: a checkpoint with a frozen/trainable split; "
-                          "start from its base model instead.")
-  with ocp.StandardCheckpointer() as checkpointer:
+  with ocp.PyTreeCheckpointer() as checkpointer:
     try:
-      restored = checkpointer.restore(state_dir, target=None, args=ocp.args.PyTreeRestore(
+      restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=restore_target, restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
           partial_restore=True))
     except (ValueError, KeyError, TypeError) as e:
@@ -94,3 +88,55 @@ def write_json(path: str, obj: Any) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
   os.replace(tmp, path)
+
+
+# A "model directory" is what `train` writes to its workdir and what `convert from-hf` writes:
+#   DIR/config.json             the run's resolved config (its "model" section builds the model)
+#   DIR/tokenizer/              a Hugging Face tokenizer directory
+#   DIR/checkpoints/<step>/state  an orbax PyTree holding at least {"params": ...}
+# `generate`, `convert to-hf` and `init_from` all read it through `load_model_dir`.
+
+
+def read_run_config(path: str) -> dict:
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{path}: no config.json; expected a jaxllm workdir or a directory written "
+                          "by `python -m jaxllm.convert from-hf`.")
+  with open(config_path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_model_dir(path: str, shardings: Any = None):
+  """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
+  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jaxllm.models import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
+  run_config = read_run_config(path)
+  model_cfg = ModelConfig.from_config(run_config["model"])
+  model = build_model(model_cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  abstract = nn.meta.unbox(boxed)
+  if shardings is not None:
+    abstract = abstract_with_shardings(abstract, shardings(boxed))
+  else:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+  params = load_params(path, abstract)
+  tokenizer = None
+  tok_dir = os.path.join(path, "tokenizer")
+  if os.path.isdir(tok_dir):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+  return model_cfg, params, tokenizer
+
+
+def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = None, step: int = 0) -> None:
+  """Writes a model directory (see above) that `load_model_dir` and `init_from` read."""
+  os.makedirs(path, exist_ok=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+  state_dir = os.path.join(os.path.abspath(path), "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(state_dir, {"params": params}, force=True)
+  write_json(os.path.join(path, "config.json"), run_config)
