@@ -138,3 +138,17 @@ def test_cli_bad_config_is_one_clear_line(tmp_path, flag, message):
   lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
   assert message in lines[0] or message in lines[-1], result.stderr[-1500:]
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, params_m", [
+    ("quickstart", 2.5), ("gpt2_124m", 124), ("gpt2_355m", 355), ("gpt2_774m", 774),
+    ("gpt2_1558m", 1558), ("llama_100m", 93),
+    # "389m" counts the tied 42,437 x 1024 embedding twice (as input and output): 346M + 43M.
+    ("bloom_389m_zh", 346)])
+def test_recipe_configs_build_the_published_sizes(name, params_m):
+  import importlib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{name}").get_config()
+  model_cfg = ModelConfig.from_config(config.model)
+  # GPT-2 sizes count the 50,257-token tied embedding; our vocabulary is padded to 50,304.
+  assert abs(model_cfg.num_params() / 1e6 - params_m) / params_m < 0.06, model_cfg.num_params()
+  validate(config, 8)  # the mesh and batch of every recipe fit 8 devices
