@@ -59,8 +59,9 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
-  train_iter = iter(train_ds)
+  data = build_lm_data(config, workdir)
+  tokenizer, val_batches = data.tokenizer, data.val_batches
+  train_iter = iter(data.train)
 
   setup = make_setup(config, model_cfg, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
@@ -90,6 +91,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   num_params = model_cfg.num_params()
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  writer.text(f"data: {data.summary()}")
 
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -119,6 +121,9 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
   manager.wait_until_finished()
   manager.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()  # stops the prefetch thread
+  writer.text(f"data read (this run): {data.summary()}")
   writer.close()
 
   if config.train.sample_prompt and jax.process_index() == 0:
