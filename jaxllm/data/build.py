@@ -20,7 +20,7 @@ from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
 from jaxllm.data.sources import DataError, DataStats, load_documents, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
-from jaxllm.tokenizer import load_tokenizer, train_bpe
+from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char
 
 SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
                "hf_split", "val_path", "val_fraction")
@@ -131,8 +131,9 @@ class _Source:
 
 
 def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
-  """Loads data.tokenizer, or trains a byte-level BPE on the training documents (once per workdir)."""
-  if config.data.tokenizer:
+  """Loads data.tokenizer, or trains a byte-level BPE (or, for data.tokenizer='char', builds a
+  character vocabulary) on the training documents, once per workdir."""
+  if config.data.tokenizer and config.data.tokenizer != "char":
     tokenizer = load_tokenizer(config.data.tokenizer)
   else:
     tok_dir = os.path.join(workdir, "tokenizer")
@@ -140,7 +141,7 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
       tokenizer = load_tokenizer(tok_dir)
     else:
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
-      tokenizer = train_bpe(train_docs, vocab)
+      tokenizer = train_char(train_docs) if config.data.tokenizer == "char" else train_bpe(train_docs, vocab)
       if jax.process_index() == 0:
         tokenizer.save_pretrained(tok_dir)
   if len(tokenizer) > config.model.vocab_size:
@@ -163,6 +164,9 @@ def num_data_shards(config: Any) -> int:
 def build_lm_data(config: Any, workdir: str) -> LMData:
   """The tokenizer, this host's endless training batches and the fixed validation batches."""
   data = config.data
+  if data.get("packing") == "windows":  # nanoGPT-style: split by position, random windows (data/windows.py)
+    from jaxllm.data.windows import window_data  # pylint: disable=import-outside-toplevel
+    return LMData(*window_data(config, workdir, prepare_tokenizer))
   if data.get("packing", "concat") not in PACKING_MODES:
     raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
   configs = source_configs(data)
