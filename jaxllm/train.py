@@ -22,7 +22,7 @@ from jaxllm import checkpoint, hardware
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.sources import DataError
-from jaxllm.generate import generate
+from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
 from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
@@ -121,14 +121,16 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   manager.close()
   writer.close()
 
-  if config.train.sample_prompt and jax.process_index() == 0:
+  if config.train.sample_prompt:  # every process runs the sharded decode; process 0 prints
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
-    params = jax.device_get(merge_params(state.params, state.frozen))
-    new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
-                       rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
-                       top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(new_ids) + "\n--------------",
-          flush=True)
+    prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
+                              top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+    [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
+                            sampling, mesh=mesh, seed=config.train.seed)
+    if jax.process_index() == 0:
+      print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(completion.tokens) +
+            "\n--------------", flush=True)
   return last
 
 
