@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, hardware
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -59,7 +60,12 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+  sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+  if sft_data is not None:
+    tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+  else:
+    lm_data = build_lm_data(config, workdir)
+    tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -90,6 +96,10 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   num_params = model_cfg.num_params()
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  if sft_data is not None:
+    writer.text(sft_data.summary)
+  else:
+    writer.text(f"data: {lm_data.summary()}")
 
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -119,17 +129,23 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
   manager.wait_until_finished()
   manager.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()  # stops the prefetch thread
+  if sft_data is None:
+    writer.text(f"data read (this run): {lm_data.summary()}")
   writer.close()
 
   if config.train.sample_prompt:  # every process runs the sharded decode; process 0 prints
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
+    if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
+      prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
     prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
                               top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
     [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
                             sampling, mesh=mesh, seed=config.train.seed)
     if jax.process_index() == 0:
-      print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(completion.tokens) +
+      print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
             "\n--------------", flush=True)
   return last
 
@@ -142,18 +158,41 @@ def main(argv):
   try:
     run(config, flags.FLAGS.workdir)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))
 
 
-def cli():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+def fail(message: str) -> None:
+  """The one line a user sees for a problem they can fix; exit status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> None:
+  """Parses --config/--workdir/--config.x.y=v; a typo or bad value becomes one `error:` line."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  try:
+    flags.FLAGS(argv)
+    flags.FLAGS.config.get("train")  # the config file loads lazily: surface its errors here
+  except OSError as e:
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"cannot load the config file given by --config: {detail[-1]}")
+  except Exception as e:  # pylint: disable=broad-except
+    # absl and ml_collections raise several types (flags.Error, AttributeError for an unknown
+    # key, ValueError/TypeError for a bad value); all are the user's to fix.
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+    kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad command line"
+    fail(f"{kind}: {text}")
+
+
+def cli():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  parse_flags(sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=lambda argv: argv)
 
 
 if __name__ == "__main__":
