@@ -154,14 +154,14 @@ def layout(prompts: Sequence[Sequence[int]], prefix_len: int, max_new_tokens: in
 
 def fit_prompt(prompt_ids: Sequence[int], max_new_tokens: int, cfg: ModelConfig
                ) -> tuple[list[int], int]:
-  """For learned positions, keeps the end of the prompt and caps max_new_tokens so both fit in
-  max_seq_len (what the end-of-training sample wants; the CLI reports an error instead)."""
+  """For learned positions, keeps at most max_seq_len - 1 prompt tokens (the end) and caps
+  max_new_tokens to the positions left (what the end-of-training sample wants; the CLI
+  reports an error instead)."""
   prompt_ids = list(prompt_ids)
   if cfg.position != "learned":
     return prompt_ids, max_new_tokens
-  limit = cfg.max_seq_len
-  prompt_ids = prompt_ids[-max(1, limit - max_new_tokens):]
-  return prompt_ids, max(1, min(max_new_tokens, limit - len(prompt_ids)))
+  prompt_ids = prompt_ids[-(cfg.max_seq_len - 1):]
+  return prompt_ids, max(1, min(max_new_tokens, cfg.max_seq_len - len(prompt_ids)))
 
 
 class Generator:

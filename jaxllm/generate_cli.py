@@ -117,8 +117,8 @@ def run_cli(args) -> None:
     sys.stdout.flush()
   start = time.perf_counter()
   completions = Generator(cfg, params, mesh).generate(
-      prompts, sampling, seed=args.seed,
-      stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop], on_text=on_text if streaming else None,
+      prompts, sampling, seed=args.seed, on_text=on_text if streaming else None,
+      stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop],
       detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
   elapsed = time.perf_counter() - start
   if streaming:
