@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, faults, hardware, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -62,7 +63,11 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+  sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+  if sft_data is not None:
+    tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+  else:
+    tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -93,6 +98,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   num_params = model_cfg.num_params()
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  if sft_data is not None:
+    writer.text(sft_data.summary)
 
   pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
   first_pending = start_step + 1
@@ -145,11 +152,13 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 
   if config.train.sample_prompt and jax.process_index() == 0:
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
+    if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
+      prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
     params = jax.device_get(merge_params(state.params, state.frozen))
     new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
                        rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
                        top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(new_ids) + "\n--------------",
+    print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(new_ids) + "\n--------------",
           flush=True)
   return last
 
