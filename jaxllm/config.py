@@ -12,7 +12,7 @@ from jaxllm.models.config import ModelConfig
 def default_config() -> ml_collections.ConfigDict:
   """Every key a recipe may set, with its default. Recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.task = "causal_lm"        # causal_lm (more tasks: see the recipes)
+  c.task = "causal_lm"        # causal_lm | sft (instruction tuning: docs/sft.md)
   c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -20,7 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
       d_ff=0, max_seq_len=1024, family="gpt", position="learned", norm="layernorm", norm_eps=1e-5,
       activation="gelu_tanh", use_bias=True, tie_embeddings=True, embed_norm=False,
       rope_theta=10000.0, dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
-      remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False))
+      remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False,
+      num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib",        # stdlib | text | jsonl
@@ -32,12 +33,20 @@ def default_config() -> ml_collections.ConfigDict:
       tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
       seq_len=1024,
       val_fraction=0.05,      # documents held out for evaluation
-      seed=0))
+      seed=0,
+      # task='sft' only (docs/sft.md): data.path is an Alpaca/chat .json/.jsonl file or a datasets dir.
+      template="alpaca",      # alpaca | human_assistant | chat_template (the tokenizer's own)
+      train_on_prompt=False,  # also put loss on prompt tokens (default: response + EOS only)
+      packing=False,          # pack several examples per row (segment_ids); else pad per batch
+      pad_multiple=16,        # padded batches: width rounded up to this (bounds recompiles)
+      bucket_batches=16))     # padded batches: sort by length within windows of this many batches
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=8, grad_accum=1, log_every=10, eval_every=200, eval_steps=10,
       checkpoint_every=500, keep_checkpoints=3, seed=0, async_checkpoint=True,
-      trainable="",           # regex over parameter paths that train; empty = all
+      trainable="",           # regex over parameter paths that train; empty = all ("^prompt/": prompt tuning)
+      prompt_init_text="",    # prompt tuning: init the prompt from this text's token embeddings ("" = random)
+      frozen_dtype="",        # dtype the frozen parameters are held in ("bfloat16" halves them; "" = as is)
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
@@ -45,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      grad_clip=1.0))
+      grad_clip=1.0,
+      decay_steps=0,          # where the cosine ends; 0 = train.steps
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

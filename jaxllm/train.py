@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, hardware
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -82,7 +83,11 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+  sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+  if sft_data is not None:
+    tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+  else:
+    tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -115,6 +120,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  if sft_data is not None:
+    writer.text(sft_data.summary)
 
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -148,11 +155,13 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 
   if config.train.sample_prompt and jax.process_index() == 0:
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
+    if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
+      prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
     params = jax.device_get(merge_params(state.params, state.frozen))
     new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
                        rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
                        top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample ---\n" + config.train.sample_prompt + tokenizer.decode(new_ids) + "\n--------------",
+    print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(new_ids) + "\n--------------",
           flush=True)
   return last
 
@@ -165,18 +174,41 @@ def main(argv):
   try:
     run(config, flags.FLAGS.workdir)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))
 
 
-def cli():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+def fail(message: str) -> None:
+  """The one line a user sees for a problem they can fix; exit status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> None:
+  """Parses --config/--workdir/--config.x.y=v; a typo or bad value becomes one `error:` line."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  try:
+    flags.FLAGS(argv)
+    flags.FLAGS.config.get("train")  # the config file loads lazily: surface its errors here
+  except OSError as e:
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"cannot load the config file given by --config: {detail[-1]}")
+  except Exception as e:  # pylint: disable=broad-except
+    # absl and ml_collections raise several types (flags.Error, AttributeError for an unknown
+    # key, ValueError/TypeError for a bad value); all are the user's to fix.
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+    kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad command line"
+    fail(f"{kind}: {text}")
+
+
+def cli():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  parse_flags(sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=lambda argv: argv)
 
 
 if __name__ == "__main__":
