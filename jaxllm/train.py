@@ -87,7 +87,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if sft_data is not None:
     tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
   else:
-    tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+    lm_data = build_lm_data(config, workdir)
+    tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -122,6 +123,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
   if sft_data is not None:
     writer.text(sft_data.summary)
+  else:
+    writer.text(f"data: {lm_data.summary()}")
 
   pending: list[dict[str, jax.Array]] = []
   last: dict[str, float] = {}
@@ -151,6 +154,10 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
   manager.wait_until_finished()
   manager.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()  # stops the prefetch thread
+  if sft_data is None:
+    writer.text(f"data read (this run): {lm_data.summary()}")
   writer.close()
 
   if config.train.sample_prompt and jax.process_index() == 0:
