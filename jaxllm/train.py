@@ -55,8 +55,31 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
 
 
+# Keys of config.model that say how to run a model, not what it is: with init_from they stay the
+# recipe's; every other model key comes from the init_from directory's config.json.
+RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl")
+
+
+def adopt_init_from_architecture(config: Any) -> list[str]:
+  """Sets config.model's architecture keys from init_from's config.json (a converted HF model or a
+  run's workdir); returns "key: recipe -> checkpoint" for each value that changed."""
+  if not config.init_from or not os.path.isfile(os.path.join(config.init_from, "config.json")):
+    return []
+  source = checkpoint.read_run_config(config.init_from).get("model", {})
+  changed = []
+  with config.unlocked():
+    for key, value in source.items():
+      if key in RUNTIME_MODEL_KEYS or config.model.get(key) == value:
+        continue
+      if key in config.model:
+        changed.append(f"{key}: {config.model[key]!r} -> {value!r}")
+      config.model[key] = value
+  return changed
+
+
 def run(config: Any, workdir: str) -> dict[str, float]:
   """Trains as configured; returns the last logged metrics."""
+  adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -97,6 +120,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
   writer = MetricsWriter(workdir, total_steps, start_step, config.train.tensorboard, config.train.progress)
   num_params = model_cfg.num_params()
+  if adopted:
+    writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
   if sft_data is not None:
