@@ -131,14 +131,20 @@ class _Source:
 
 
 def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
-  """Loads data.tokenizer, or trains a byte-level BPE (or, for data.tokenizer='char', builds a
-  character vocabulary) on the training documents, once per workdir."""
+  """Loads data.tokenizer, else the workdir's, else init_from's (a converted HF model brings its
+  own), else trains a byte-level BPE on the training documents (once per workdir);
+  data.tokenizer='char' builds a character vocabulary instead of the BPE."""
+  tok_dir = os.path.join(workdir, "tokenizer")
+  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
   if config.data.tokenizer and config.data.tokenizer != "char":
     tokenizer = load_tokenizer(config.data.tokenizer)
   else:
-    tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
       tokenizer = load_tokenizer(tok_dir)
+    elif init_tok_dir and os.path.isdir(init_tok_dir):
+      tokenizer = load_tokenizer(init_tok_dir)
+      if jax.process_index() == 0:  # the workdir stays a complete model directory (generate, to-hf)
+        tokenizer.save_pretrained(tok_dir)
     else:
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
       tokenizer = train_char(train_docs) if config.data.tokenizer == "char" else train_bpe(train_docs, vocab)
