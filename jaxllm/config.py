@@ -12,7 +12,7 @@ from jaxllm.models.config import ModelConfig
 def default_config() -> ml_collections.ConfigDict:
   """Every key a recipe may set, with its default. Recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.task = "causal_lm"        # causal_lm (more tasks: see the recipes)
+  c.task = "causal_lm"        # causal_lm | mlm (masked-LM, model.family='bert'; docs/bert.md)
   c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -46,6 +46,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
       grad_clip=1.0))
+
+  # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).
+  c.mlm = ml_collections.ConfigDict(dict(
+      probability=0.15,       # share of non-special tokens chosen for the loss
+      mask_fraction=0.8,      # of the chosen: replaced by [MASK]
+      random_fraction=0.1,    # of the chosen: replaced by a random token (the rest stay as they are)
+      whole_word=False,       # choose whole words (all their ## pieces) instead of single tokens
+      lowercase=True,         # the WordPiece tokenizer trained here lowercases
+      seed=0))                # masking RNG (validation uses seed + 1, fixed across evaluations)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, hardware
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data.mlm import build_mlm_data
 from jaxllm.data.sources import DataError
 from jaxllm.generate import generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -47,8 +48,10 @@ def compile_steps(setup: Setup, config: Any, mesh):
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
   sums = jax.device_get(sums)
-  loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight_sum"]) for s in sums), 1.0)
-  return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+  weight = max(sum(float(s["weight_sum"]) for s in sums), 1.0)
+  loss = sum(float(s["loss_sum"]) for s in sums) / weight
+  accuracy = sum(float(s["correct_sum"]) for s in sums) / weight
+  return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_accuracy": accuracy}
 
 
 def run(config: Any, workdir: str) -> dict[str, float]:
@@ -59,7 +62,10 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+  if config.task == "mlm":
+    tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
+  else:
+    tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -121,7 +127,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   manager.close()
   writer.close()
 
-  if config.train.sample_prompt and jax.process_index() == 0:
+  if config.train.sample_prompt and config.task == "causal_lm" and jax.process_index() == 0:
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
     params = jax.device_get(merge_params(state.params, state.frozen))
     new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
