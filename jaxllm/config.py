@@ -12,7 +12,8 @@ from jaxllm.models.config import ModelConfig
 def default_config() -> ml_collections.ConfigDict:
   """Every key a recipe may set, with its default. Recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.task = "causal_lm"        # causal_lm | mlm (masked-LM, model.family='bert'; docs/bert.md)
+  # causal_lm | sft (instruction tuning: docs/sft.md) | mlm (masked-LM, model.family='bert': docs/bert.md)
+  c.task = "causal_lm"
   c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -20,32 +21,62 @@ def default_config() -> ml_collections.ConfigDict:
       d_ff=0, max_seq_len=1024, family="gpt", position="learned", norm="layernorm", norm_eps=1e-5,
       activation="gelu_tanh", use_bias=True, tie_embeddings=True, embed_norm=False,
       rope_theta=10000.0, dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
-      remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False))
+      remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False,
+      num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",        # stdlib | text | jsonl
-      path="",                # file, folder or glob for text/jsonl
-      field="text",           # JSON field holding the document
+      source="stdlib",        # stdlib | text | jsonl | parquet | hf_disk (save_to_disk dir) | hf (streaming)
+      path="",                # file, folder or glob (data files for hf); the dir for hf_disk
+      field="text",           # JSON field / Parquet or datasets column holding the document
       text_unit="file",       # text: one document per file or per line
       max_chars=0,            # cap on characters read (0 = all)
+      streaming=False,        # text/jsonl/parquet: stream with datasets instead of reading into memory
+      hf_name="",             # source=hf: load_dataset name (json, text, parquet or a dataset id)
+      hf_config="",           # source=hf: dataset config name
+      hf_split="train",       # source=hf / hf_disk: split to read
+      sources=ml_collections.ConfigDict(),  # mixture: NAME=dict(source=..., path=..., weight=...); see docs/data.md
       tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer
       tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
+      tokenizer_train_chars=0,  # characters of training text to fit that tokenizer on (0 = all; streams: 20M)
       seq_len=1024,
-      val_fraction=0.05,      # documents held out for evaluation
-      seed=0))
+      # concat (join + cut) | document (first-fit rows with segment_ids, positions); for task='sft':
+      # document = several examples per row, anything else = one padded example per row
+      packing="concat",
+      pack_bins=128,          # document packing: rows filled at once (more = fuller rows)
+      val_fraction=0.05,      # documents held out for evaluation (streams: by a hash of the text)
+      val_path="",            # a separate validation source (same kind as source); overrides val_fraction
+      shuffle_buffer=10_000,  # streams: documents shuffled together (files are shuffled too)
+      num_shards=0,           # logical data shards; 0 = one per process. Fix it to make batches host-count free
+      prefetch=2,             # batches prepared ahead in a background thread (0 = none)
+      tokenize_batch=128,     # documents per tokenizer call
+      on_bad_record="skip",   # skip (counted, logged) | error: unusable records (no field, bad UTF-8/JSON, empty)
+      seed=0,
+      # task='sft' only (docs/sft.md): data.path is an Alpaca/chat .json/.jsonl file or a datasets dir.
+      template="alpaca",      # alpaca | human_assistant | chat_template (the tokenizer's own)
+      train_on_prompt=False,  # also put loss on prompt tokens (default: response + EOS only)
+      pad_multiple=16,        # padded batches: width rounded up to this (bounds recompiles)
+      bucket_batches=16))     # padded batches: sort by length within windows of this many batches
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, batch_size=8, grad_accum=1, log_every=10, eval_every=200, eval_steps=10,
       checkpoint_every=500, keep_checkpoints=3, seed=0, async_checkpoint=True,
-      trainable="",           # regex over parameter paths that train; empty = all
+      trainable="",           # regex over parameter paths that train; empty = all ("^prompt/": prompt tuning)
+      prompt_init_text="",    # prompt tuning: init the prompt from this text's token embeddings ("" = random)
+      frozen_dtype="",        # dtype the frozen parameters are held in ("bfloat16" halves them; "" = as is)
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
-      tensorboard=True, progress=True))
+      tensorboard=True, progress=True,
+      # A step with non-finite gradients (or loss) never updates the parameters; it is counted
+      # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after
+      # max_nonfinite_in_a_row such steps in a row (0 = never); "stop": stop at the first one.
+      nonfinite_policy="skip", max_nonfinite_in_a_row=10))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      grad_clip=1.0))
+      grad_clip=1.0,
+      decay_steps=0,          # where the cosine ends; 0 = train.steps
+  ))
 
   # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).
   c.mlm = ml_collections.ConfigDict(dict(
@@ -66,6 +97,7 @@ class ConfigError(ValueError):
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
   """Checks values against each other and the hardware; returns the ModelConfig."""
+  from jaxllm import faults  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
   try:
     model_cfg = ModelConfig.from_config(config.model)
@@ -84,6 +116,7 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
         f"is not divisible by the mesh's data x fsdp = {data * fsdp}; use a multiple of {data * fsdp}.")
   if config.data.seq_len > model_cfg.max_seq_len and model_cfg.position == "learned":
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
+  faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key}={t[key]} must be positive.")

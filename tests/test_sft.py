@@ -1,0 +1,226 @@
+"""Instruction tuning data: templates, loss weights, truncation, padded vs packed batches, training."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxllm.data import sft
+from jaxllm.data.sources import DataError
+from jaxllm.models import GPT, ModelConfig
+from jaxllm.tokenizer import train_bpe
+
+_WORDS = ("tell me about cats dogs and the sea write a poem list three colors red blue green "
+          "what is two plus two four the answer explain why sky is blue light scatters").split()
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_records(n, seed=0, long_output=False):
+  rng = np.random.default_rng(seed)
+  words = lambda lo, hi: " ".join(rng.choice(_WORDS, rng.integers(lo, hi)))  # noqa: E731
+  return [{"instruction": words(3, 10), "input": words(2, 6) if i % 3 == 0 else "",
+           "output": words(30, 60) if long_output else words(2, 25)} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  texts = [" ".join(r.values()) for r in make_records(100)] + [sft.ALPACA_PREAMBLE_INPUT,
+                                                              "### Instruction: Human: Assistant:"]
+  tok = train_bpe(texts, 300, special_tokens=("<|im_end|>", "<|im_start|>"))
+  tok.chat_template = CHATML
+  return tok
+
+
+def weighted_text(tok, ex):
+  targets, weights = ex.tokens[1:], ex.weights[1:]
+  return tok.decode(targets[weights == 1])
+
+
+@pytest.mark.parametrize("template", ["alpaca", "human_assistant", "chat_template"])
+@pytest.mark.parametrize("with_input", [False, True])
+def test_weighted_tokens_are_exactly_response_plus_eos(tokenizer, template, with_input):
+  record = {"instruction": "list three colors", "input": "red blue" if with_input else "",
+            "output": "red, blue and green."}
+  ex = sft.encode_record(record, sft.get_template(template), tokenizer, max_len=512)
+  assert weighted_text(tokenizer, ex) == "red, blue and green." + tokenizer.eos_token
+  assert tokenizer.eos_token_id in ex.tokens[-2:] and not ex.truncated  # ChatML adds "\n" after EOS
+  # The prompt is all there (weight 0) and shows the instruction and the input.
+  prompt = tokenizer.decode(ex.tokens[ex.weights == 0])
+  assert "list three colors" in prompt and (("red blue" in prompt) == with_input)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "human_assistant", "chat_template"])
+def test_multi_turn_chat_trains_every_assistant_turn(tokenizer, template):
+  record = {"messages": [{"role": "system", "content": "be brief"},
+                         {"role": "user", "content": "what is two plus two"},
+                         {"role": "assistant", "content": "four"},
+                         {"from": "human", "value": "why"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "the answer"}]}]}
+  ex = sft.encode_record(record, sft.get_template(template), tokenizer, max_len=512)
+  eos = tokenizer.eos_token
+  assert weighted_text(tokenizer, ex) == "four" + eos + "the answer" + eos
+  text = tokenizer.decode(ex.tokens)
+  assert "be brief" in text and "why" in text
+
+
+def test_chat_template_text_after_eos_is_not_trained(tokenizer):
+  record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]}
+  ex = sft.encode_record(record, sft.get_template("chat_template"), tokenizer, max_len=512)
+  assert tokenizer.decode(ex.tokens[-1:]) == "\n" and ex.weights[-1] == 0  # ChatML's newline after <|im_end|>
+
+
+def test_train_on_prompt_puts_weight_on_every_token(tokenizer):
+  ex = sft.encode_record(make_records(1)[0], sft.get_template("alpaca"), tokenizer, 512,
+                         train_on_prompt=True)
+  assert np.all(ex.weights[1:] == 1)
+
+
+def test_truncation_keeps_the_prompt_and_cuts_the_response_tail(tokenizer):
+  template = sft.get_template("alpaca")
+  record = make_records(1, long_output=True)[0]
+  full = sft.encode_record(record, template, tokenizer, 10_000)
+  num_prompt = int(np.sum(full.weights == 0))
+  keep = num_prompt // 2  # leaves the response more than a quarter of max_len
+  assert len(full.tokens) > num_prompt + keep
+  max_len = num_prompt + keep
+  ex = sft.encode_record(record, template, tokenizer, max_len)
+  assert ex.truncated and len(ex.tokens) == max_len
+  np.testing.assert_array_equal(ex.tokens, full.tokens[:max_len])  # whole prompt + response head
+  assert np.sum(ex.weights == 1) == keep and ex.tokens[-1] != tokenizer.eos_token_id
+  # A prompt longer than max_len still leaves a quarter of max_len to the response.
+  short = sft.encode_record(record, template, tokenizer, 16)
+  assert short.truncated and len(short.tokens) == 16 and np.sum(short.weights == 1) == 4
+
+
+def test_bad_records_and_template_get_one_clear_error(tokenizer):
+  with pytest.raises(DataError, match="record 3: neither Alpaca-shaped"):
+    sft.normalize_record({"text": "x"}, "record 3")
+  with pytest.raises(DataError, match="role 'robot'"):
+    sft.normalize_record({"messages": [{"role": "robot", "content": "x"}]})
+  with pytest.raises(DataError, match="data.template='nope' is not known"):
+    sft.get_template("nope")
+
+
+def _per_example_loss(model, params, batch, example_of):
+  """Summed weighted loss per example id; example_of maps each (row, position) to an id or -1."""
+  logits = jax.jit(model.apply)({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["weights"]
+  losses = np.asarray(losses)
+  return {i: float(losses[example_of == i].sum()) for i in np.unique(example_of) if i >= 0}
+
+
+def test_padded_and_packed_batches_give_the_same_loss_per_example(tokenizer):
+  template = sft.get_template("alpaca")
+  examples = [sft.encode_record(r, template, tokenizer, 64) for r in make_records(12, seed=1)]
+  lengths = [len(e.tokens) - 1 for e in examples]
+  cfg = ModelConfig(vocab_size=320, d_model=32, num_layers=1, num_heads=2, max_seq_len=128,
+                    position="rotary")
+  model = GPT(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+
+  padded_plans = sft.plan_padded(lengths, 4, seed=3, bucket_batches=8)
+  packed_plans = sft.plan_packed(lengths, 2, 128, seed=3)
+  padded, packed = {}, {}
+  for plan in padded_plans:
+    batch = sft.collate_fn(examples, packing=False, seq_len=128, pad_multiple=16)(plan)
+    assert batch["inputs"].shape[1] % 16 == 0
+    example_of = np.full(batch["inputs"].shape, -1)
+    for row, (i,) in enumerate(plan):
+      example_of[row, :lengths[i]] = i
+    padded.update(_per_example_loss(model, params, batch, example_of))
+  for plan in packed_plans:
+    batch = sft.collate_fn(examples, packing=True, seq_len=128, pad_multiple=16)(plan)
+    example_of = np.full(batch["inputs"].shape, -1)
+    for row, ids in enumerate(plan):
+      for seg, i in enumerate(ids, 1):
+        example_of[row][batch["segment_ids"][row] == seg] = i
+    packed.update(_per_example_loss(model, params, batch, example_of))
+  assert len(padded_plans) == 3 and any(len(row) > 1 for plan in packed_plans for row in plan)
+  common = sorted(set(padded) & set(packed))
+  assert len(common) >= 8
+  np.testing.assert_allclose([packed[i] for i in common], [padded[i] for i in common], rtol=2e-5)
+
+
+def test_plans_bucket_by_length_and_pack_within_seq_len():
+  rng = np.random.default_rng(0)
+  lengths = [int(x) for x in rng.integers(5, 60, 200)]
+  padded = sft.plan_padded(lengths, 8, seed=1, bucket_batches=5)
+  assert len(padded) == 25
+  spread = np.mean([max(lengths[r[0]] for r in p) - min(lengths[r[0]] for r in p) for p in padded])
+  assert spread < 10  # similar lengths together: little padding
+  packed = sft.plan_packed(lengths, 4, 64, seed=1)
+  rows = [row for plan in packed for row in plan]
+  assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+  used = [i for row in rows for i in row]
+  assert len(used) == len(set(used)) and len(used) > 180  # each at most once; few left over
+  assert np.mean([sum(lengths[i] for i in row) for row in rows]) > 0.85 * 64
+
+
+def test_dataset_resumes_exactly(tokenizer):
+  template = sft.get_template("human_assistant")
+  examples = [sft.encode_record(r, template, tokenizer, 64) for r in make_records(40, seed=2)]
+  ds = sft.sft_dataset(examples, 4, seq_len=64, seed=0)
+  it = iter(ds)
+  for _ in range(13):  # past one epoch (10 batches)
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  it2 = iter(ds)
+  it2.set_state(state)
+  for want in expected:
+    got = next(it2)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_training_on_one_example_drives_its_loss_to_zero(tokenizer):
+  from jaxllm.config import default_config
+  from jaxllm.optim import build_optimizer
+  from jaxllm.state import lm_apply_fn
+  from jaxllm.step import TrainState, train_step
+  ex = sft.encode_record(make_records(1, seed=5)[0], sft.get_template("alpaca"), tokenizer, 64)
+  batch = {k: jnp.asarray(v) for k, v in sft.padded_batch([ex] * 2, 64).items()}
+  model = GPT(ModelConfig(vocab_size=320, d_model=32, num_layers=1, num_heads=2, max_seq_len=64))
+  params = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"]
+  optim_cfg = default_config().optim
+  optim_cfg.update(lr=1e-2, warmup_steps=0, min_lr=1e-2, weight_decay=0.0)
+  optimizer, schedule = build_optimizer(optim_cfg, 40)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={},
+                     opt_state=optimizer.init(params))
+  step = jax.jit(functools.partial(train_step, apply_fn=lm_apply_fn(model), optimizer=optimizer,
+                                   schedule=schedule))
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  assert float(metrics["tokens"]) == 2 * np.sum(ex.weights[1:])  # only response + EOS count
+  assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::8]
+
+
+def test_sft_through_the_training_cli(tmp_path, tiny_config):
+  """train.run with task='sft' on a JSONL chat+Alpaca mix: packed, evaluated, loss falls."""
+  from jaxllm import train
+  records = make_records(150, seed=7)
+  records[::5] = [{"messages": [{"role": "user", "content": r["instruction"]},
+                                {"role": "assistant", "content": r["output"]}]} for r in records[::5]]
+  path = os.path.join(tmp_path, "sft.jsonl")
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  config = tiny_config(tmp_path, **{"task": "sft", "data.path": path, "data.seq_len": 32,
+                                    "data.packing": "document", "data.val_fraction": 0.1,
+                                    "train.steps": 12, "train.eval_every": 12, "train.log_every": 4,
+                                    "train.checkpoint_every": 12})
+  workdir = os.path.join(tmp_path, "run")
+  last = train.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0] and np.isfinite(last["eval_loss"])
