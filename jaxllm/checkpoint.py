@@ -7,8 +7,10 @@ killed mid-save resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -30,10 +32,65 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any | None,
          force: bool = False) -> bool:
-  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state."""
+  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state.
+
+  A disk without room for it is reported before anything is written (CheckpointError);
+  earlier checkpoints are never touched by a failed save.
+  """
   args = {"state": ocp.args.StandardSave(state)}
   args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  with _write_errors(manager, step):
+    manager.wait_until_finished()  # the previous save's bytes count against the free space
+    _check_free_space(str(manager.directory), step, state)
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until every save has been written (and renamed into place)."""
+  with _write_errors(manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+# Substrings of the errors that writing to a full, read-only or forbidden disk produce, from
+# Python (OSError) and from orbax/tensorstore (ValueError "RESOURCE_EXHAUSTED: ... os_error_code").
+_DISK_ERRORS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded",
+                "os_error_code")
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager, step: int | None):
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    reason = next((r for r in _DISK_ERRORS[:-1] if r in str(e)), None)
+    if reason is None and _DISK_ERRORS[-1] not in str(e):
+      raise
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {manager.directory} ({reason or str(e).splitlines()[0][:200]}); "
+        "free space or use another --workdir. Earlier checkpoints are intact.") from e
+
+
+def _check_free_space(directory: str, step: int, state: Any) -> None:
+  needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) // jax.process_count()
+  free = shutil.disk_usage(directory).free
+  if free < needed * 1.05 + (1 << 16):  # the arrays plus some room for orbax's metadata
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {directory}: it needs about {needed / 2**20:.1f} MiB but "
+        f"{free / 2**20:.1f} MiB are free; free space or use another --workdir. Earlier checkpoints "
+        "are intact.")
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a file there, so a read-only or missing disk stops the run at once."""
+  probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); "
+                          "use a writable directory.") from e
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
@@ -57,9 +114,10 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
+def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any:
   """Loads only the model parameters from a jaxllm checkpoint dir (a workdir, its
-  `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning)."""
+  `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning).
+  `step` picks one of several saved steps (default: the latest)."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -68,7 +126,9 @@ def load_params(path: str, abstract_params: Any) -> Any:
     steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
     if not steps:
       raise CheckpointError(f"init_from={path}: no jaxllm checkpoint there (expected <dir>/checkpoints/<step>/state).")
-    step_dir = os.path.join(path, str(steps[-1]))
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{path}: no checkpoint for step {step}; saved steps: {steps}.")
+    step_dir = os.path.join(path, str(steps[-1] if step is None else step))
   state_dir = os.path.join(step_dir, "state")
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
@@ -108,9 +168,10 @@ def read_run_config(path: str) -> dict:
     return json.load(f)
 
 
-def load_model_dir(path: str, shardings: Any = None):
+def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
-  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh."""
+  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
+  picks a saved step (default: the latest)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxllm.models import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
@@ -124,7 +185,7 @@ def load_model_dir(path: str, shardings: Any = None):
   else:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-  params = load_params(path, abstract)
+  params = load_params(path, abstract, step)
   tokenizer = None
   tok_dir = os.path.join(path, "tokenizer")
   if os.path.isdir(tok_dir):

@@ -24,14 +24,15 @@ from jaxllm.data.build import build_lm_data
 from jaxllm.data import sft
 from jaxllm.data.mlm import build_mlm_data
 from jaxllm.data.sources import DataError
-from jaxllm.generate import generate
+from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
 from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
 from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_of
 from jaxllm.step import eval_step, train_step
 
-USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError,
+               OSError)  # OSError: a disk or path problem outside checkpoints (full, read-only, gone)
 # Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
 # preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
 DIVERGED_EXIT_CODE = 3
@@ -58,11 +59,34 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_accuracy": accuracy}
 
 
+# Keys of config.model that say how to run a model, not what it is: with init_from they stay the
+# recipe's; every other model key comes from the init_from directory's config.json.
+RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl")
+
+
+def adopt_init_from_architecture(config: Any) -> list[str]:
+  """Sets config.model's architecture keys from init_from's config.json (a converted HF model or a
+  run's workdir); returns "key: recipe -> checkpoint" for each value that changed."""
+  if not config.init_from or not os.path.isfile(os.path.join(config.init_from, "config.json")):
+    return []
+  source = checkpoint.read_run_config(config.init_from).get("model", {})
+  changed = []
+  with config.unlocked():
+    for key, value in source.items():
+      if key in RUNTIME_MODEL_KEYS or config.model.get(key) == value:
+        continue
+      if key in config.model:
+        changed.append(f"{key}: {config.model[key]!r} -> {value!r}")
+      config.model[key] = value
+  return changed
+
+
 def run(config: Any, workdir: str) -> dict[str, float]:
   """Trains as configured; returns the last logged metrics."""
+  adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.ensure_writable(workdir)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
@@ -103,6 +127,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
   writer = MetricsWriter(workdir, total_steps, start_step, config.train.tensorboard, config.train.progress)
   num_params = model_cfg.num_params()
+  if adopted:
+    writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
   if sft_data is not None:
@@ -153,7 +179,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
           checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
-      manager.wait_until_finished()
+      checkpoint.wait(manager)
       manager.close()
       if hasattr(train_iter, "close"):
         train_iter.close()  # stops the prefetch thread
@@ -163,16 +189,19 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if preempted:
     raise preemption.Preempted(step)
 
-  if config.train.sample_prompt and config.task != "mlm" and jax.process_index() == 0:
+  # every process runs the sharded decode; process 0 prints. A masked-LM has fill_mask instead.
+  if config.train.sample_prompt and config.task != "mlm":
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
     if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
       prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
-    params = jax.device_get(merge_params(state.params, state.frozen))
-    new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
-                       rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
-                       top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(new_ids) + "\n--------------",
-          flush=True)
+    prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
+                              top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+    [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
+                            sampling, mesh=mesh, seed=config.train.seed)
+    if jax.process_index() == 0:
+      print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
+            "\n--------------", flush=True)
   return last
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -140,21 +140,25 @@ def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int
   return it.batch(batch_size, drop_remainder=True)
 
 
-def prepare_wordpiece(config: Any, workdir: str, train_docs: list[str]):
-  """Loads data.tokenizer or WORKDIR/tokenizer, or trains a WordPiece of model.vocab_size
-  (data.tokenizer_vocab_size if set) on the training documents and saves it there."""
+def prepare_wordpiece(config: Any, workdir: str, train_docs: Sequence[str]):
+  """Loads data.tokenizer, else the workdir's, else init_from's (a converted BertForMaskedLM brings
+  its own), else trains a WordPiece of model.vocab_size (data.tokenizer_vocab_size if set) on the
+  training documents. The workdir keeps a copy, so it is a complete model directory (fill_mask)."""
   from jaxllm.tokenizer import load_tokenizer, train_tokenizer  # pylint: disable=import-outside-toplevel
   tok_dir = os.path.join(workdir, "tokenizer")
+  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
   if config.data.tokenizer:
     tokenizer = load_tokenizer(config.data.tokenizer)
   elif os.path.isdir(tok_dir):
     tokenizer = load_tokenizer(tok_dir)
+  elif init_tok_dir and os.path.isdir(init_tok_dir):
+    tokenizer = load_tokenizer(init_tok_dir)
   else:
     vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
     tokenizer = train_tokenizer(train_docs, "wordpiece", vocab, round_to=1,
                                 lowercase=config.mlm.lowercase)
-    if jax.process_index() == 0:
-      tokenizer.save_pretrained(tok_dir)
+  if jax.process_index() == 0 and not os.path.isdir(tok_dir):
+    tokenizer.save_pretrained(tok_dir)
   if len(tokenizer) > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
                       f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
