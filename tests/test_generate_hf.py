@@ -122,6 +122,21 @@ def test_cli_streams_library_output(converted, tokenizer):
   assert "tokens in" in result.stderr
 
 
+def test_cli_prompt_file_and_samples(converted, tmp_path, capsys):
+  from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text('{"prompt": "the cat"}\n\n{"prompt": "red trees\\nand"}\n', encoding="utf-8")
+  argv = ["--checkpoint", converted("gpt2")[1], "--prompt-file", str(prompts), "--num-samples", "2",
+          "--max-new-tokens", "6", "--temperature", "1.0", "--top-k", "20", "--seed", "3"]
+  assert main(argv) == 0
+  out = capsys.readouterr().out
+  headers = [line for line in out.splitlines() if line.startswith("=== ")]
+  assert headers == [f"=== prompt {p} sample {s} (length) ===" for p in (0, 1) for s in (0, 1)]
+  assert out.count("\nthe cat") == 2 and out.count("red trees\nand") == 2
+  assert main(argv) == 0
+  assert capsys.readouterr().out == out  # the seed reproduces
+
+
 def test_cli_errors(converted, tmp_path, capsys):
   from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
   path = converted("gpt2")[1]
