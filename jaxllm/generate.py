@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models import GPT, ModelConfig
+from jaxllm.models.gpt import output_head
 from jaxllm.models.layers import KVCache
 from jaxllm.sampling import GenerationError, SamplingConfig, sample
 from jaxllm.sharding import logical_shardings
@@ -121,11 +122,16 @@ def decode_chunk(params: Any, state: DecodeState, num_steps: Array, *, cfg: Mode
   every row is done. num_steps is traced, so any chunk size reuses one compiled program."""
   model = GPT(cfg)
   stop_at = jnp.minimum(state.index + num_steps, state.tokens.shape[1])
+  # Laid out once per call: inside the loop XLA CPU would copy the transposed embedding per step.
+  head = output_head(params, cfg)
+  if mesh is not None:
+    head = jax.lax.with_sharding_constraint(head, logical_shardings(
+        nn.LogicallyPartitioned(jax.ShapeDtypeStruct(head.shape, head.dtype), ("embed", "vocab")), mesh))
 
   def body(s: DecodeState) -> DecodeState:
     last = jax.lax.dynamic_slice_in_dim(s.tokens, s.index - 1, 1, axis=1)  # [batch, 1]
     logits, cache = model.apply({"params": params}, last, s.cache, s.index - 1, s.key_positions,
-                                s.key_valid, method=GPT.decode)
+                                s.key_valid, None, head, method=GPT.decode)
     return _constrain(_append(s._replace(cache=cache), logits, sampling), mesh)
 
   return jax.lax.while_loop(lambda s: (s.index < stop_at) & ~jnp.all(s.done), body, state)
