@@ -138,3 +138,17 @@ def test_a_stream_can_be_read_as_a_list(tmp_path):
   path = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
   assert list(load_documents(data_cfg(source="hf", hf_name="json", path=path))) == [f"doc {i}" for i in range(5)]
   assert list(load_documents(data_cfg(source="jsonl", streaming=True, path=path, max_chars=10))) == ["doc 0", "doc 1"]
+
+
+def test_text_and_parquet_files_stream_like_they_load(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  write(tmp_path / "t" / "a.txt", "first doc\nline two\n")
+  write(tmp_path / "t" / "b.txt", "second doc\n")
+  pq.write_table(pa.table({"body": ["p1", "p2"]}), str(tmp_path / "x.parquet"))
+  for kw in (dict(source="text", path=str(tmp_path / "t")),
+             dict(source="text", path=str(tmp_path / "t"), text_unit="line"),
+             dict(source="parquet", path=str(tmp_path / "x.parquet"), field="body")):
+    loaded = list(load_documents(data_cfg(**kw)))
+    streamed = list(load_documents(data_cfg(streaming=True, **kw)))
+    assert [d.strip() for d in streamed] == [d.strip() for d in loaded] and loaded
