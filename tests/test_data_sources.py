@@ -102,6 +102,11 @@ def test_stream_source_yielding_nothing_is_an_error_not_a_hang(tmp_path):
   spec = spec_from_config(data_cfg(source="jsonl", path=path, streaming=True))
   with pytest.raises(DataError, match="yielded no documents.*no field 'text'"):
     next(iter(StreamDataset(spec, DataStats(), seed=0)))
+  path = write(tmp_path / "b.jsonl", '{"text": "x"}\n')
+  spec = spec_from_config(data_cfg(source="jsonl", path=path, streaming=True))
+  split = "train" if is_validation("x", 0.5) else "val"  # the only document belongs to the other split
+  with pytest.raises(DataError, match="yielded no documents.*left to the"):
+    next(iter(StreamDataset(spec, DataStats(), seed=0, split=split, val_fraction=0.5)))
 
 
 def test_stream_record_that_cannot_be_decoded_names_file_and_record(tmp_path):
