@@ -167,11 +167,20 @@ def num_data_shards(config: Any) -> int:
   return num_shards
 
 
+def check_data_config(data: Any) -> None:
+  """The pipeline's own keys, checked before any file is read."""
+  if data.get("packing", "concat") not in PACKING_MODES:
+    raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
+  for key, low in (("seq_len", 1), ("pack_bins", 1), ("tokenize_batch", 1), ("shuffle_buffer", 0),
+                   ("prefetch", 0), ("num_shards", 0)):
+    if data.get(key, low) < low:
+      raise ConfigError(f"data.{key}={data.get(key)} must be at least {low}.")
+
+
 def build_lm_data(config: Any, workdir: str) -> LMData:
   """The tokenizer, this host's endless training batches and the fixed validation batches."""
   data = config.data
-  if data.get("packing", "concat") not in PACKING_MODES:
-    raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
+  check_data_config(data)
   configs = source_configs(data)
   sources = {name: _Source(cfg, data.seed + 7919 * i, data.get("shuffle_buffer", 10_000))
              for i, (name, cfg) in enumerate(configs.items())}
