@@ -219,14 +219,15 @@ def test_cli_round_trip(zoo, tmp_path, capsys):
 
 def test_train_init_from_converted_model(zoo, tmp_path):
   """train --config.init_from=DIR takes DIR's architecture and tokenizer and starts from its weights:
-  with a zero learning rate the trained workdir exports back to the original HF tensors."""
+  with a zero learning rate the trained workdir exports back to the original HF tensors (training
+  only layer_1, so the checkpoint keeps the rest apart as frozen parameters)."""
   import json  # pylint: disable=import-outside-toplevel
   from jaxllm import train  # pylint: disable=import-outside-toplevel
   from tests.helpers import make_tiny_config  # pylint: disable=import-outside-toplevel
   _, hf_dir, jx_dir, model_cfg, _ = zoo("llama_gqa")
   config = make_tiny_config(tmp_path, init_from=jx_dir, **{
       "train.steps": 2, "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
-      "data.seq_len": 16, "optim.lr": 0.0, "optim.min_lr": 0.0, "model.dropout_rate": 0.0})
+      "train.trainable": "layer_1", "data.seq_len": 16, "optim.lr": 0.0, "optim.min_lr": 0.0, "model.dropout_rate": 0.0})
   workdir = str(tmp_path / "run")
   metrics = train.run(config, workdir)
   assert np.isfinite(metrics["loss"])
