@@ -65,7 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
-      tensorboard=True, progress=True))
+      tensorboard=True, progress=True,
+      # A step with non-finite gradients (or loss) never updates the parameters; it is counted
+      # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after
+      # max_nonfinite_in_a_row such steps in a row (0 = never); "stop": stop at the first one.
+      nonfinite_policy="skip", max_nonfinite_in_a_row=10))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -83,6 +87,7 @@ class ConfigError(ValueError):
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
   """Checks values against each other and the hardware; returns the ModelConfig."""
+  from jaxllm import faults  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
   try:
     model_cfg = ModelConfig.from_config(config.model)
@@ -101,6 +106,7 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
         f"is not divisible by the mesh's data x fsdp = {data * fsdp}; use a multiple of {data * fsdp}.")
   if config.data.seq_len > model_cfg.max_seq_len and model_cfg.position == "learned":
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
+  faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key}={t[key]} must be positive.")

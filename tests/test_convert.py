@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from jaxllm.checkpoint import load_model_dir  # noqa: E402
 from jaxllm.convert import ConvertError, from_hf, to_hf  # noqa: E402
 from jaxllm.convert.__main__ import main as convert_main  # noqa: E402
-from jaxllm.generate import generate  # noqa: E402
+from jaxllm.generate import SamplingConfig, generate  # noqa: E402
 from jaxllm.models import build_model  # noqa: E402
 from jaxllm.tokenizer import train_bpe  # noqa: E402
 from tests.helpers import run_cli  # noqa: E402
@@ -106,8 +106,8 @@ def test_logits_equal_transformers(zoo, name):
 def test_greedy_generation_matches(zoo, name):
   model, _, _, model_cfg, params = zoo(name)
   prompt = [5, 17, 900, 3, 1006]
-  ours = generate(build_model(model_cfg), params, prompt, max_new_tokens=8, rng=jax.random.key(0),
-                  temperature=0.0)
+  [completion] = generate(model_cfg, params, [prompt], SamplingConfig(max_new_tokens=8))
+  ours = completion.tokens
   with torch.no_grad():
     out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                          pad_token_id=0)
