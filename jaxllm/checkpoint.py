@@ -7,12 +7,15 @@ killed mid-save resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 class CheckpointError(RuntimeError):
@@ -30,10 +33,65 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any | None,
          force: bool = False) -> bool:
-  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state."""
+  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state.
+
+  A disk without room for it is reported before anything is written (CheckpointError);
+  earlier checkpoints are never touched by a failed save.
+  """
   args = {"state": ocp.args.StandardSave(state)}
   args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  with _write_errors(manager, step):
+    manager.wait_until_finished()  # the previous save's bytes count against the free space
+    _check_free_space(str(manager.directory), step, state)
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until every save has been written (and renamed into place)."""
+  with _write_errors(manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+# Substrings of the errors that writing to a full, read-only or forbidden disk produce, from
+# Python (OSError) and from orbax/tensorstore (ValueError "RESOURCE_EXHAUSTED: ... os_error_code").
+_DISK_ERRORS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded",
+                "os_error_code")
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager, step: int | None):
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    reason = next((r for r in _DISK_ERRORS[:-1] if r in str(e)), None)
+    if reason is None and _DISK_ERRORS[-1] not in str(e):
+      raise
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {manager.directory} ({reason or str(e).splitlines()[0][:200]}); "
+        "free space or use another --workdir. Earlier checkpoints are intact.") from e
+
+
+def _check_free_space(directory: str, step: int, state: Any) -> None:
+  needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) // jax.process_count()
+  free = shutil.disk_usage(directory).free
+  if free < needed * 1.05 + (1 << 16):  # the arrays plus some room for orbax's metadata
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {directory}: it needs about {needed / 2**20:.1f} MiB but "
+        f"{free / 2**20:.1f} MiB are free; free space or use another --workdir. Earlier checkpoints "
+        "are intact.")
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a file there, so a read-only or missing disk stops the run at once."""
+  probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); "
+                          "use a writable directory.") from e
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
@@ -75,8 +133,8 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
   state_dir = os.path.join(step_dir, "state")
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
-  restore_target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
+    restore_target = _split_like_stored(abstract_params, _stored_tree(checkpointer, state_dir))
     try:
       restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=restore_target, restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
@@ -84,7 +142,37 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"init_from={step_dir}: its parameters do not match this model config "
                             f"({str(e).splitlines()[0][:200]}).") from e
-  return restored["params"]
+  flat = traverse_util.flatten_dict(restored.get("frozen") or {})
+  flat.update(traverse_util.flatten_dict(restored["params"]))
+  # partial_restore leaves what the checkpoint lacks as abstract leaves instead of failing.
+  missing = ["/".join(map(str, k)) for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"init_from={step_dir}: the checkpoint has no {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; it was saved for another model config.")
+  return traverse_util.unflatten_dict(flat)
+
+
+def _stored_tree(checkpointer: ocp.PyTreeCheckpointer, state_dir: str) -> dict:
+  """The stored tree's structure (leaves are metadata), or {} when orbax cannot say."""
+  try:
+    meta = checkpointer.metadata(state_dir)
+  except (ValueError, KeyError, TypeError, OSError):
+    return {}
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  return dict(meta) if isinstance(meta, dict) or hasattr(meta, "keys") else {}
+
+
+def _split_like_stored(abstract_params: Any, stored: dict) -> dict:
+  """{"params": ...} or, for a run with `train.trainable` (TrainState keeps the frozen part apart),
+  {"params": trainable part, "frozen": frozen part} as the checkpoint stores them."""
+  frozen = stored.get("frozen") or {}
+  if not frozen:
+    return {"params": abstract_params}
+  frozen_paths = set(traverse_util.flatten_dict(dict(frozen)))
+  flat = traverse_util.flatten_dict(abstract_params)
+  return {"params": traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in frozen_paths}),
+          "frozen": traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in frozen_paths})}
 
 
 def write_json(path: str, obj: Any) -> None:
