@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, faults, hardware, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data import sft
@@ -177,6 +177,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   config = flags.FLAGS.config
   try:
+    distributed.initialize()  # a no-op unless the environment describes a multi-process job
     run(config, flags.FLAGS.workdir)
   except USER_ERRORS as e:
     fail(str(e))
