@@ -8,6 +8,7 @@ workdir if there is one, trains, evaluates, checkpoints and logs metrics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -78,8 +79,12 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
   return changed
 
 
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains as configured; returns the last logged metrics."""
+def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) -> dict[str, float]:
+  """Trains as configured; returns the last logged metrics.
+
+  `watcher` (already entered) lets the caller listen for preemption from before setup;
+  without one, run listens from the first step on.
+  """
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
@@ -135,7 +140,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   last: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   step, preempted = start_step, False
-  with preemption.Watcher() as watcher:
+  with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
     try:
       while step < total_steps and not preempted:
         local_batch = next(train_iter)
@@ -205,7 +210,9 @@ def main(argv):
   config = flags.FLAGS.config
   try:
     distributed.initialize()  # a no-op unless the environment describes a multi-process job
-    run(config, flags.FLAGS.workdir)
+    # Listen from the start: a SIGTERM during setup still ends in a checkpoint and exit 75.
+    with preemption.Watcher() as watcher:
+      run(config, flags.FLAGS.workdir, watcher)
   except USER_ERRORS as e:
     fail(str(e))
   except faults.NonFiniteError as e:
