@@ -22,6 +22,7 @@ import numpy as np
 from jaxllm import checkpoint, distributed, faults, hardware, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data.pipeline import restore_iterator
 from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
@@ -108,7 +109,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   if restored is not None:
     state, data_state, start_step = restored
     if data_state:
-      train_iter.set_state(data_state)
+      restore_iterator(train_iter, data_state)
   else:
     params = None
     if config.init_from:

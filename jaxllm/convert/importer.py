@@ -104,13 +104,18 @@ def _resolve_names(source: TensorSource, arch: Architecture, rules, tied: bool) 
   return resolved
 
 
-def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
-                   mesh: jax.sharding.Mesh) -> dict:
-  """The jaxllm params tree, each leaf a global array laid out with its logical sharding."""
+def target_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
+  """({path: ShapeDtypeStruct}, {path: NamedSharding}) of the model's parameters; nothing allocated."""
   model = build_model(model_cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   shardings = traverse_util.flatten_dict(logical_shardings(boxed, mesh), sep="/")
-  abstract = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
+  return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), shardings
+
+
+def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
+                   mesh: jax.sharding.Mesh, layout: tuple[dict, dict] | None = None) -> dict:
+  """The jaxllm params tree, each leaf a global array laid out with its logical sharding."""
+  abstract, shardings = layout or target_layout(model_cfg, mesh)
   rules = arch.rules(model_cfg)
   covered = [p for rule in rules for p in rule.params]
   if sorted(covered) != sorted(abstract):  # a mapping bug, not a user error; say so plainly
