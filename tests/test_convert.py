@@ -280,13 +280,16 @@ def test_import_is_tensor_by_tensor_and_lands_sharded(tmp_path):
 
 def test_hub_style_gpt2_names_and_buffers(zoo, tmp_path):
   """GPT-2 files on the hub were saved from GPT2Model: names lack `transformer.` and the causal-mask
-  buffers `h.N.attn.bias` sit among the weights. Both import to the same parameters."""
-  import shutil  # pylint: disable=import-outside-toplevel
+  buffers `h.N.attn.bias` sit among the weights; with no `architectures` in config.json the
+  model_type decides. All import to the same parameters."""
+  import json  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   _, hf_dir, _, model_cfg, params = zoo("gpt2")
   hub = tmp_path / "hub"
   hub.mkdir()
-  shutil.copy(os.path.join(hf_dir, "config.json"), hub / "config.json")
+  hf_config = json.loads(open(os.path.join(hf_dir, "config.json")).read())
+  del hf_config["architectures"]  # old hub configs may lack it; model_type decides then
+  (hub / "config.json").write_text(json.dumps(hf_config))
   tensors = {k.removeprefix("transformer."): v for k, v in read_safetensors(hf_dir).items()}
   for i in range(model_cfg.num_layers):
     tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 48, 48), np.float32))
