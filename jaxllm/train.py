@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, faults, hardware, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data.pipeline import restore_iterator
 from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
@@ -30,7 +31,8 @@ from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, m
 from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_of
 from jaxllm.step import eval_step, train_step
 
-USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError,
+               OSError)  # OSError: a disk or path problem outside checkpoints (full, read-only, gone)
 # Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
 # preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
 DIVERGED_EXIT_CODE = 3
@@ -82,7 +84,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.ensure_writable(workdir)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
@@ -102,7 +104,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if restored is not None:
     state, data_state, start_step = restored
     if data_state:
-      train_iter.set_state(data_state)
+      restore_iterator(train_iter, data_state)
   else:
     params = None
     if config.init_from:
@@ -172,7 +174,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
           checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
-      manager.wait_until_finished()
+      checkpoint.wait(manager)
       manager.close()
       if hasattr(train_iter, "close"):
         train_iter.close()  # stops the prefetch thread
