@@ -8,6 +8,7 @@ workdir if there is one, trains, evaluates, checkpoints and logs metrics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, faults, hardware, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator
@@ -79,8 +80,12 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
   return changed
 
 
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains as configured; returns the last logged metrics."""
+def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) -> dict[str, float]:
+  """Trains as configured; returns the last logged metrics.
+
+  `watcher` (already entered) lets the caller listen for preemption from before setup;
+  without one, run listens from the first step on.
+  """
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
@@ -136,7 +141,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   last: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   step, preempted = start_step, False
-  with preemption.Watcher() as watcher:
+  with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
     try:
       while step < total_steps and not preempted:
         local_batch = next(train_iter)
@@ -205,7 +210,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   config = flags.FLAGS.config
   try:
-    run(config, flags.FLAGS.workdir)
+    distributed.initialize()  # a no-op unless the environment describes a multi-process job
+    # Listen from the start: a SIGTERM during setup still ends in a checkpoint and exit 75.
+    with preemption.Watcher() as watcher:
+      run(config, flags.FLAGS.workdir, watcher)
   except USER_ERRORS as e:
     fail(str(e))
   except faults.NonFiniteError as e:

@@ -149,7 +149,9 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Cal
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
       tokenizer = train_bpe(train_docs() if callable(train_docs) else train_docs, vocab)
       if jax.process_index() == 0:
-        tokenizer.save_pretrained(tok_dir)
+        # Written aside and renamed: other processes never load half a tokenizer directory.
+        tokenizer.save_pretrained(f"{tok_dir}.tmp")
+        os.replace(f"{tok_dir}.tmp", tok_dir)
   if len(tokenizer) > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
                       f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
