@@ -12,7 +12,8 @@ from jaxllm.models.config import ModelConfig
 def default_config() -> ml_collections.ConfigDict:
   """Every key a recipe may set, with its default. Recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.task = "causal_lm"        # causal_lm | sft (instruction tuning: docs/sft.md)
+  # causal_lm | sft (instruction tuning: docs/sft.md) | mlm (masked-LM, model.family='bert': docs/bert.md)
+  c.task = "causal_lm"
   c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -76,6 +77,15 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,
       decay_steps=0,          # where the cosine ends; 0 = train.steps
   ))
+
+  # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).
+  c.mlm = ml_collections.ConfigDict(dict(
+      probability=0.15,       # share of non-special tokens chosen for the loss
+      mask_fraction=0.8,      # of the chosen: replaced by [MASK]
+      random_fraction=0.1,    # of the chosen: replaced by a random token (the rest stay as they are)
+      whole_word=False,       # choose whole words (all their ## pieces) instead of single tokens
+      lowercase=True,         # the WordPiece tokenizer trained here lowercases
+      seed=0))                # masking RNG (validation uses seed + 1, fixed across evaluations)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -11,6 +11,7 @@ and writes a directory that `AutoTokenizer.from_pretrained` and `data.tokenizer`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -167,26 +168,35 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--max-chars", type=int, default=0, help="read at most about this many characters (0 = all)")
 
 
+STREAM_DEFAULT_CHARS = 20_000_000  # a stream has no end: read this much unless capped
+
+
 def documents_from_args(args: argparse.Namespace) -> list[str]:
-  """Documents of the source the arguments describe, through `load_documents`, capped."""
+  """Documents of the source the arguments describe, read as the input pipeline reads them
+  (`load_documents`, or the `datasets` stream for source='hf' / --data streaming=true), capped."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataError, load_documents  # pylint: disable=import-outside-toplevel
-  data = default_config().data
+  from jaxllm.data.sources import DataError, DataStats, load_documents  # pylint: disable=import-outside-toplevel
   values = dict(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
                 max_chars=args.max_chars)
   for item in args.data:
     key, sep, value = item.partition("=")
     if not sep:
-      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data split=train.")
+      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data hf_split=train.")
     values[key] = _parse_value(value)
-  cfg = ml_collections.ConfigDict(dict(data.to_dict(), **values))
-  docs = load_documents(cfg)
+  cfg = ml_collections.ConfigDict(dict(default_config().data.to_dict(), **values))
+  if cfg.source == "hf" or cfg.get("streaming"):
+    from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
+    stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.get("on_bad_record", "skip")), seed=0,
+                           shuffle_files=False, repeat=False)
+    docs = iter(stream)
+    max_chars = args.max_chars or STREAM_DEFAULT_CHARS
+  else:
+    docs = load_documents(cfg)
+    max_chars = args.max_chars
   if args.max_docs:
-    docs = docs[:args.max_docs]
-  if args.max_chars:
-    docs = _cap_chars(docs, args.max_chars)
-  return docs
+    docs = itertools.islice(docs, args.max_docs)
+  return _cap_chars(docs, max_chars) if max_chars else list(docs)
 
 
 def _parse_value(value: str) -> Any:
@@ -196,7 +206,7 @@ def _parse_value(value: str) -> Any:
     return value
 
 
-def _cap_chars(docs: list[str], max_chars: int) -> list[str]:
+def _cap_chars(docs: Iterable[str], max_chars: int) -> list[str]:
   kept, total = [], 0
   for doc in docs:
     if total >= max_chars:

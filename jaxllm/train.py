@@ -24,6 +24,7 @@ from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator
 from jaxllm.data import sft
+from jaxllm.data.mlm import build_mlm_data
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -54,8 +55,10 @@ def compile_steps(setup: Setup, config: Any, mesh):
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
   sums = jax.device_get(sums)
-  loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight_sum"]) for s in sums), 1.0)
-  return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+  weight = max(sum(float(s["weight_sum"]) for s in sums), 1.0)
+  loss = sum(float(s["loss_sum"]) for s in sums) / weight
+  accuracy = sum(float(s["correct_sum"]) for s in sums) / weight
+  return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_accuracy": accuracy}
 
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
@@ -94,8 +97,11 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+  lm_data = None
   if sft_data is not None:
     tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+  elif config.task == "mlm":
+    tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
   else:
     lm_data = build_lm_data(config, workdir)
     tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
@@ -133,7 +139,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
   if sft_data is not None:
     writer.text(sft_data.summary)
-  else:
+  elif lm_data is not None:
     writer.text(f"data: {lm_data.summary()}")
 
   pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
@@ -183,13 +189,14 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
       manager.close()
       if hasattr(train_iter, "close"):
         train_iter.close()  # stops the prefetch thread
-      if sft_data is None:
+      if lm_data is not None:
         writer.text(f"data read (this run): {lm_data.summary()}")
       writer.close()
   if preempted:
     raise preemption.Preempted(step)
 
-  if config.train.sample_prompt:  # every process runs the sharded decode; process 0 prints
+  # every process runs the sharded decode; process 0 prints. A masked-LM has fill_mask instead.
+  if config.train.sample_prompt and config.task != "mlm":
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
     if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
       prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
