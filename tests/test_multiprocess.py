@@ -66,3 +66,16 @@ def test_two_processes_match_one_process_and_stop_together(config_file, tmp_path
   assert code == 0, err[-3000:]
   assert "'data': 4" in out
   np.testing.assert_allclose(multi_loss, losses(single), rtol=1e-5)
+
+
+def test_incomplete_or_bad_environment_is_a_config_error():
+  from jaxllm import distributed  # pylint: disable=import-outside-toplevel
+  from jaxllm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  assert distributed.initialize({}) is False  # no job described: one process, nothing touched
+  for env, message in [({"JAXLLM_COORDINATOR": "127.0.0.1:1"}, "JAXLLM_NUM_PROCESSES must be"),
+                       ({"JAXLLM_COORDINATOR": "127.0.0.1:1", "JAXLLM_NUM_PROCESSES": "two",
+                         "JAXLLM_PROCESS_ID": "0"}, "'two' is not an integer"),
+                       ({"JAXLLM_COORDINATOR": "127.0.0.1:1", "JAXLLM_NUM_PROCESSES": "2",
+                         "JAXLLM_PROCESS_ID": "2"}, "must be in 0..1")]:
+    with pytest.raises(ConfigError, match=message):
+      distributed.initialize(env)
