@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from jaxllm import checkpoint
 from jaxllm.config import default_config
-from jaxllm.convert import get_architecture
+from jaxllm.convert import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.source import TensorSource
 from jaxllm.models import ModelConfig, build_model
@@ -45,6 +45,8 @@ def read_hf_config(hf_dir: str):
 
 def architecture_of(hf_cfg: Any) -> Architecture:
   names = getattr(hf_cfg, "architectures", None) or []
+  if not names:  # some configs omit it; the model_type then names the causal-LM class
+    names = [a.name for a in architectures().values() if a.model_type == hf_cfg.model_type][:1]
   if len(names) != 1:
     raise ConvertError(f"config.json lists architectures={names}; expected exactly one, e.g. "
                        "['LlamaForCausalLM'].")
