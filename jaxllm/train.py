@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, hardware
+from jaxllm import checkpoint, hardware, peft
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data import sft
@@ -43,6 +43,27 @@ def compile_steps(setup: Setup, config: Any, mesh):
                      in_shardings=(setup.state_shardings, batch_sharding),
                      out_shardings=replicated(mesh))
   return jit_train, jit_eval
+
+
+def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
+  """Compiled per-device memory of this step beside that of full fine-tuning of the same model."""
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  shape = (config.train.batch_size, config.data.seq_len)
+  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") else ())
+  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
+  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+  state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+  mine = peft.step_memory_bytes(jit_train, state, batch, rng)
+  full_config = config.copy_and_resolve_references()
+  with full_config.unlocked():
+    full_config.train.trainable = ""
+    full_config.train.frozen_dtype = ""
+  full_setup = make_setup(full_config, model_cfg, mesh)
+  full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
+  full = peft.step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)
+  return (f"step memory per device: {mine / 2**20:.1f} MiB (full fine-tuning: {full / 2**20:.1f} MiB, "
+          f"{full / max(mine, 1):.1f}x)")
 
 
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
@@ -70,19 +91,20 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   setup = make_setup(config, model_cfg, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
   abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  restored = checkpoint.restore(manager, abstract)
+  # Fine-tuning part of a model (train.trainable) from init_from: checkpoints hold only what
+  # trains; the frozen rest is re-read from init_from.
+  by_reference = peft.frozen_by_reference(config)
+  restored = checkpoint.restore(manager, abstract.replace(frozen={}) if by_reference else abstract)
   rng = jax.random.key(config.train.seed)
   if restored is not None:
     state, data_state, start_step = restored
+    if by_reference:
+      state = state.replace(frozen=peft.load_frozen(config, setup))
     if data_state:
       train_iter.set_state(data_state)
   else:
-    params = None
-    if config.init_from:
-      params = checkpoint.load_params(
-          config.init_from, checkpoint.abstract_with_shardings(abstract_params_of(setup),
-                                                               param_shardings_of(setup)))
     init_rng = jax.random.fold_in(rng, 1)
+    params = peft.initial_params(config, setup, tokenizer, init_rng)
     state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
     start_step = 0
 
@@ -95,6 +117,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   num_params = model_cfg.num_params()
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  if config.train.get("trainable", "") and start_step == 0:
+    writer.text(peft.parameter_report(setup) + "; " + memory_report(config, model_cfg, mesh, setup, jit_train))
   if sft_data is not None:
     writer.text(sft_data.summary)
 
@@ -123,7 +147,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       writer.advance(step)
       window_start, window_steps = time.perf_counter(), 0
     if step % config.train.checkpoint_every == 0 or is_last:
-      checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
+      checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
+                      train_iter.get_state(), force=is_last)
   manager.wait_until_finished()
   manager.close()
   writer.close()
