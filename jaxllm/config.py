@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-      grad_clip=1.0))
+      grad_clip=1.0,
+      decay_steps=0,          # where the cosine ends; 0 = train.steps
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

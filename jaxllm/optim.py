@@ -19,7 +19,9 @@ NO_DECAY_NAMES = ("bias", "scale", "embed", "embedding", "pos_embed", "prompt")
 
 
 def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `total_steps`."""
+  """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `optim.decay_steps`
+  (0 = `total_steps`; set it to extend a run later without changing its schedule)."""
+  total_steps = optim_cfg.get("decay_steps", 0) or total_steps
   warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,

@@ -82,7 +82,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: App
   denom = jnp.maximum(total_weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = total_loss / denom
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

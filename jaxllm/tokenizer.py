@@ -1,30 +1,125 @@
-"""Train and load Hugging Face tokenizers (byte-level BPE for code and any language)."""
+"""Train, save and load Hugging Face tokenizers: byte-level BPE (GPT-2 style) and WordPiece (BERT).
+
+  python -m jaxllm.tokenizer train --kind bpe --vocab-size 8000 --out tok/ --source stdlib
+  python -m jaxllm.tokenizer analyze tok/ [other_tok/] --source text --path corpus.txt
+
+`train` reads any source the input pipeline reads (`jaxllm.data.sources.load_documents`)
+and writes a directory that `AutoTokenizer.from_pretrained` and `data.tokenizer` load.
+`analyze` lives in `jaxllm.tokenizer_analysis`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-from typing import Iterable
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# BERT's special tokens, in the order they get ids 0..4.
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# A role header, the message, then <|end|>; the prompt for generation ends with the assistant header.
+CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+VOCAB_MULTIPLE = 128
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS_TOKEN,),
-              min_frequency: int = 2) -> PreTrainedTokenizerFast:
-  """A GPT-2 style byte-level BPE: whitespace kept exactly, any Unicode text round-trips."""
+              min_frequency: int = 2, *, bos_token: str | None = None,
+              pad_token: str | None = None) -> PreTrainedTokenizerFast:
+  """A GPT-2 style byte-level BPE: whitespace kept exactly, any Unicode text round-trips.
+
+  `special_tokens[0]` is EOS; BOS and PAD default to it (the GPT-2 convention).
+  """
+  eos = special_tokens[0]
+  bos, pad = bos_token or eos, pad_token or eos
+  specials = list(dict.fromkeys([*special_tokens, bos, pad]))
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                special_tokens=list(special_tokens),
+                                special_tokens=specials,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
-  eos = special_tokens[0]
-  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, unk_token=eos,
-                                 pad_token=eos)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, unk_token=eos,
+                                 pad_token=pad)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    lowercase: bool = True, extra_special_tokens: tuple[str, ...] = ()
+                    ) -> PreTrainedTokenizerFast:
+  """A BERT WordPiece tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, `##` continuations,
+  and `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` (token types 0/1) added on encode."""
+  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                              strip_accents=None, lowercase=lowercase)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece(prefix="##")
+  specials = list(dict.fromkeys([*WORDPIECE_SPECIALS, *extra_special_tokens]))
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                      special_tokens=specials, continuing_subword_prefix="##",
+                                      show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+  tok.post_processor = processors.TemplateProcessing(
+      single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+      special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
+                                 sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
+                                 model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def pad_vocab(tokenizer: PreTrainedTokenizerFast, size: int, kind: str) -> int:
+  """Adds reserved special tokens until the vocabulary has `size` tokens (a corpus too small for
+  the requested size runs out of merges first; LLaMA 3 reserves tokens the same way).
+  Returns how many were added."""
+  missing = size - len(tokenizer)
+  if missing > 0:
+    fmt = "[unused{}]" if kind == "wordpiece" else "<|reserved_{}|>"
+    tokenizer.add_special_tokens({"additional_special_tokens": [fmt.format(i) for i in range(missing)]},
+                                 replace_extra_special_tokens=False)
+  return max(missing, 0)
+
+
+def train_tokenizer(texts: list[str], kind: str, vocab_size: int, *, round_to: int = VOCAB_MULTIPLE,
+                    min_frequency: int = 2, chat_roles: bool = False, lowercase: bool = True,
+                    eos_token: str = EOS_TOKEN, bos_token: str | None = None,
+                    pad_token: str | None = PAD_TOKEN) -> PreTrainedTokenizerFast:
+  """Trains a `kind` ('bpe' | 'wordpiece') tokenizer of `vocab_size` rounded up to `round_to`
+  (1 = as given), with its special tokens and, if asked, chat role tokens and a chat template."""
+  if vocab_size <= 0:
+    raise ValueError(f"--vocab-size={vocab_size} must be positive.")
+  target = round_up(vocab_size, max(round_to, 1))
+  roles = CHAT_ROLE_TOKENS if chat_roles else ()
+  if kind == "bpe":
+    if target < 256 + 3 + len(roles):
+      raise ValueError(f"a byte-level BPE needs a vocabulary of at least {256 + 3 + len(roles)} "
+                       f"(256 bytes plus special tokens), got {target}; raise --vocab-size.")
+    tokenizer = train_bpe(texts, target, (eos_token, *roles), min_frequency,
+                          bos_token=bos_token, pad_token=pad_token)
+  elif kind == "wordpiece":
+    tokenizer = train_wordpiece(texts, target, min_frequency, lowercase, roles)
+  else:
+    raise ValueError(f"--kind={kind!r} is not known; use 'bpe' or 'wordpiece'.")
+  if roles:
+    tokenizer.chat_template = CHAT_TEMPLATE
+  # The size is then exactly `target` (a multiple of `round_to`), so the embedding shards evenly.
+  pad_vocab(tokenizer, target, kind)
+  return tokenizer
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -32,3 +127,153 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     raise FileNotFoundError(f"tokenizer {path!r}: no such directory; give a Hugging Face tokenizer "
                             "directory (tokenizer.json) or leave data.tokenizer empty to train one.")
   return AutoTokenizer.from_pretrained(path)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str, info: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> None:
+  """Writes the tokenizer directory atomically: into a temporary sibling, then renamed."""
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"--out {out} already exists; choose a new directory or pass --overwrite.")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+  try:
+    tokenizer.save_pretrained(tmp)
+    if info is not None:
+      with open(os.path.join(tmp, "training_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+  """The input pipeline's source options (the `data.*` config keys), plus caps."""
+  g = parser.add_argument_group("source (as the data.* config keys)")
+  g.add_argument("--source", default="stdlib", help="stdlib | text | jsonl | any source data.source takes")
+  g.add_argument("--path", default="", help="file, folder or glob (data.path)")
+  g.add_argument("--field", default="text", help="JSON field holding the document (data.field)")
+  g.add_argument("--text-unit", default="file", choices=("file", "line"), help="data.text_unit")
+  g.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
+                 help="any other data.KEY for the source (repeatable)")
+  g.add_argument("--max-docs", type=int, default=0, help="read at most this many documents (0 = all)")
+  g.add_argument("--max-chars", type=int, default=0, help="read at most about this many characters (0 = all)")
+
+
+def documents_from_args(args: argparse.Namespace) -> list[str]:
+  """Documents of the source the arguments describe, through `load_documents`, capped."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.sources import DataError, load_documents  # pylint: disable=import-outside-toplevel
+  data = default_config().data
+  values = dict(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
+                max_chars=args.max_chars)
+  for item in args.data:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data split=train.")
+    values[key] = _parse_value(value)
+  cfg = ml_collections.ConfigDict(dict(data.to_dict(), **values))
+  docs = load_documents(cfg)
+  if args.max_docs:
+    docs = docs[:args.max_docs]
+  if args.max_chars:
+    docs = _cap_chars(docs, args.max_chars)
+  return docs
+
+
+def _parse_value(value: str) -> Any:
+  try:
+    return json.loads(value)
+  except json.JSONDecodeError:
+    return value
+
+
+def _cap_chars(docs: list[str], max_chars: int) -> list[str]:
+  kept, total = [], 0
+  for doc in docs:
+    if total >= max_chars:
+      break
+    kept.append(doc[:max_chars - total])
+    total += len(kept[-1])
+  return kept
+
+
+def _train_cmd(args: argparse.Namespace) -> None:
+  start = time.perf_counter()
+  docs = documents_from_args(args)
+  read_s = time.perf_counter() - start
+  start = time.perf_counter()
+  tokenizer = train_tokenizer(docs, args.kind, args.vocab_size, round_to=1 if args.no_round else args.round_to,
+                              min_frequency=args.min_frequency, chat_roles=args.chat_roles,
+                              lowercase=not args.cased, eos_token=args.eos, bos_token=args.bos or None,
+                              pad_token=args.pad or None)
+  train_s = time.perf_counter() - start
+  chars = sum(len(d) for d in docs)
+  info = dict(kind=args.kind, requested_vocab_size=args.vocab_size, vocab_size=len(tokenizer),
+              source=args.source, path=args.path, documents=len(docs), characters=chars,
+              train_seconds=round(train_s, 2))
+  save_tokenizer(tokenizer, args.out, info, args.overwrite)
+  print(f"trained a {args.kind} tokenizer of {len(tokenizer)} tokens on {len(docs)} documents "
+        f"({chars / 1e6:.2f}M characters) in {train_s:.1f}s (reading took {read_s:.1f}s); saved to {args.out}")
+
+
+def _analyze_cmd(args: argparse.Namespace) -> None:
+  from jaxllm.tokenizer_analysis import analyze, format_side_by_side  # pylint: disable=import-outside-toplevel
+  tokenizers = [load_tokenizer(path) for path in args.tokenizers]
+  docs = documents_from_args(args)
+  reports = [analyze(tok, docs, top=args.top) for tok in tokenizers]
+  print(format_side_by_side(args.tokenizers, reports, show_keywords=not args.no_keywords))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m jaxllm.tokenizer", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  train = sub.add_parser("train", help="train a tokenizer and save it as a Hugging Face directory")
+  train.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
+  train.add_argument("--vocab-size", type=int, required=True)
+  train.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+  train.add_argument("--overwrite", action="store_true")
+  train.add_argument("--no-round", action="store_true", help="keep --vocab-size as given")
+  train.add_argument("--round-to", type=int, default=VOCAB_MULTIPLE, help="round the vocabulary up to this")
+  train.add_argument("--min-frequency", type=int, default=2)
+  train.add_argument("--chat-roles", action="store_true",
+                     help="register <|system|> <|user|> <|assistant|> <|end|> and a chat template")
+  train.add_argument("--cased", action="store_true", help="wordpiece: keep case (default lowercases)")
+  train.add_argument("--eos", default=EOS_TOKEN, help="bpe: end-of-document token")
+  train.add_argument("--bos", default="", help="bpe: beginning token (default: the EOS token)")
+  train.add_argument("--pad", default=PAD_TOKEN, help="bpe: padding token ('' = the EOS token)")
+  add_source_args(train)
+  train.set_defaults(func=_train_cmd)
+  analyze = sub.add_parser("analyze", help="statistics of one or two tokenizers on a corpus sample")
+  analyze.add_argument("tokenizers", nargs="+", help="one or two Hugging Face tokenizer directories")
+  analyze.add_argument("--top", type=int, default=10, help="how many longest / last-learned tokens to list")
+  analyze.add_argument("--no-keywords", action="store_true", help="leave out the Python keyword table")
+  add_source_args(analyze)
+  analyze.set_defaults(func=_analyze_cmd, max_chars=2_000_000)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  from jaxllm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.sources import DataError  # pylint: disable=import-outside-toplevel
+  args = build_parser().parse_args(argv)
+  if args.command == "analyze" and len(args.tokenizers) > 2:
+    print("error: analyze takes one or two tokenizers.", file=sys.stderr)
+    sys.exit(2)
+  try:
+    args.func(args)
+  except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()

@@ -174,18 +174,41 @@ def main(argv):
   try:
     run(config, flags.FLAGS.workdir)
   except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))
 
 
-def cli():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+def fail(message: str) -> None:
+  """The one line a user sees for a problem they can fix; exit status 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> None:
+  """Parses --config/--workdir/--config.x.y=v; a typo or bad value becomes one `error:` line."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  try:
+    flags.FLAGS(argv)
+    flags.FLAGS.config.get("train")  # the config file loads lazily: surface its errors here
+  except OSError as e:
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()]
+    fail(f"cannot load the config file given by --config: {detail[-1]}")
+  except Exception as e:  # pylint: disable=broad-except
+    # absl and ml_collections raise several types (flags.Error, AttributeError for an unknown
+    # key, ValueError/TypeError for a bad value); all are the user's to fix.
+    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
+    kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad command line"
+    fail(f"{kind}: {text}")
+
+
+def cli():
+  from absl import app  # pylint: disable=import-outside-toplevel
+  parse_flags(sys.argv)
+  app.run(main, argv=sys.argv, flags_parser=lambda argv: argv)
 
 
 if __name__ == "__main__":
