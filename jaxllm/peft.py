@@ -23,6 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint, optim
+from jaxllm.config import ConfigError
 from jaxllm.models import ModelConfig
 
 PROMPT_PATH = ("prompt", "embedding")
@@ -53,7 +54,7 @@ def prompt_init_ids(tokenizer: Any, text: str, num_virtual_tokens: int) -> list[
   cyclically when shorter (as PEFT's TEXT init does)."""
   ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   if not ids:
-    raise ValueError(f"train.prompt_init_text={text!r} has no tokens; give some text or leave it empty.")
+    raise ConfigError(f"train.prompt_init_text={text!r} has no tokens; give some text or leave it empty.")
   return [ids[i % len(ids)] for i in range(num_virtual_tokens)]
 
 
@@ -104,7 +105,7 @@ def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> A
   params = traverse_util.unflatten_dict(params)
   if init_text:
     if PROMPT_PATH not in traverse_util.flatten_dict(params):
-      raise ValueError("train.prompt_init_text is set but the model has no prompt; "
+      raise ConfigError("train.prompt_init_text is set but the model has no prompt; "
                        "set model.num_virtual_tokens.")
     ids = prompt_init_ids(tokenizer, init_text, setup.model_cfg.num_virtual_tokens)
     params = with_prompt_from_ids(params, ids)
