@@ -20,8 +20,10 @@ class CheckpointError(RuntimeError):
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  # A save killed midway leaves only a `<step>.orbax-checkpoint-tmp-*` directory, which is
+  # never listed as a step; cleanup_tmp_directories deletes such leftovers on the next start.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options, item_names=("state", "data"))
 

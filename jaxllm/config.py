@@ -24,20 +24,35 @@ def default_config() -> ml_collections.ConfigDict:
       num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(
-      source="stdlib",        # stdlib | text | jsonl
-      path="",                # file, folder or glob for text/jsonl
-      field="text",           # JSON field holding the document
+      source="stdlib",        # stdlib | text | jsonl | parquet | hf_disk (save_to_disk dir) | hf (streaming)
+      path="",                # file, folder or glob (data files for hf); the dir for hf_disk
+      field="text",           # JSON field / Parquet or datasets column holding the document
       text_unit="file",       # text: one document per file or per line
       max_chars=0,            # cap on characters read (0 = all)
+      streaming=False,        # text/jsonl/parquet: stream with datasets instead of reading into memory
+      hf_name="",             # source=hf: load_dataset name (json, text, parquet or a dataset id)
+      hf_config="",           # source=hf: dataset config name
+      hf_split="train",       # source=hf / hf_disk: split to read
+      sources=ml_collections.ConfigDict(),  # mixture: NAME=dict(source=..., path=..., weight=...); see docs/data.md
       tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer
       tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
+      tokenizer_train_chars=0,  # characters of training text to fit that tokenizer on (0 = all; streams: 20M)
       seq_len=1024,
-      val_fraction=0.05,      # documents held out for evaluation
+      # concat (join + cut) | document (first-fit rows with segment_ids, positions); for task='sft':
+      # document = several examples per row, anything else = one padded example per row
+      packing="concat",
+      pack_bins=128,          # document packing: rows filled at once (more = fuller rows)
+      val_fraction=0.05,      # documents held out for evaluation (streams: by a hash of the text)
+      val_path="",            # a separate validation source (same kind as source); overrides val_fraction
+      shuffle_buffer=10_000,  # streams: documents shuffled together (files are shuffled too)
+      num_shards=0,           # logical data shards; 0 = one per process. Fix it to make batches host-count free
+      prefetch=2,             # batches prepared ahead in a background thread (0 = none)
+      tokenize_batch=128,     # documents per tokenizer call
+      on_bad_record="skip",   # skip (counted, logged) | error: unusable records (no field, bad UTF-8/JSON, empty)
       seed=0,
       # task='sft' only (docs/sft.md): data.path is an Alpaca/chat .json/.jsonl file or a datasets dir.
       template="alpaca",      # alpaca | human_assistant | chat_template (the tokenizer's own)
       train_on_prompt=False,  # also put loss on prompt tokens (default: response + EOS only)
-      packing=False,          # pack several examples per row (segment_ids); else pad per batch
       pad_multiple=16,        # padded batches: width rounded up to this (bounds recompiles)
       bucket_batches=16))     # padded batches: sort by length within windows of this many batches
 
@@ -50,7 +65,11 @@ def default_config() -> ml_collections.ConfigDict:
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
-      tensorboard=True, progress=True))
+      tensorboard=True, progress=True,
+      # A step with non-finite gradients (or loss) never updates the parameters; it is counted
+      # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after
+      # max_nonfinite_in_a_row such steps in a row (0 = never); "stop": stop at the first one.
+      nonfinite_policy="skip", max_nonfinite_in_a_row=10))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -68,6 +87,7 @@ class ConfigError(ValueError):
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
   """Checks values against each other and the hardware; returns the ModelConfig."""
+  from jaxllm import faults  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
   try:
     model_cfg = ModelConfig.from_config(config.model)
@@ -95,6 +115,7 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
                       f"model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len.")
   if config.train.get("prompt_init_text", "") and not num_virtual:
     raise ConfigError("train.prompt_init_text is set but model.num_virtual_tokens=0; set it (e.g. 20).")
+  faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:
       raise ConfigError(f"train.{key}={t[key]} must be positive.")

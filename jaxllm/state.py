@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxllm import optim
+from jaxllm import faults, optim
 from jaxllm.models import ModelConfig, build_model
 from jaxllm.sharding import logical_shardings, replicated
 from jaxllm.step import Batch, TrainState
@@ -50,6 +50,7 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
                apply_fn_factory=lm_apply_fn) -> Setup:
   model = build_model(model_cfg)
   optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
+  optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)
   trainable_pattern = config.train.get("trainable", "")
 

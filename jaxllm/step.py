@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxllm import faults
 from jaxllm.optim import merge_params
 from jaxllm.sharding import BATCH_AXES
 
@@ -87,7 +88,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: App
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-             "tokens": total_weight}
+             "tokens": total_weight, **faults.counters(opt_state)}
   return new_state, metrics
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, hardware, peft
+from jaxllm import checkpoint, faults, hardware, peft, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data import sft
@@ -31,6 +31,9 @@ from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_
 from jaxllm.step import eval_step, train_step
 
 USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError)
+# Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
+# preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
+DIVERGED_EXIT_CODE = 3
 
 
 def compile_steps(setup: Setup, config: Any, mesh):
@@ -85,7 +88,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if sft_data is not None:
     tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
   else:
-    tokenizer, train_ds, val_batches = build_lm_data(config, workdir)
+    lm_data = build_lm_data(config, workdir)
+    tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
   train_iter = iter(train_ds)
 
   setup = make_setup(config, model_cfg, mesh)
@@ -121,37 +125,62 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     writer.text(peft.parameter_report(setup) + "; " + memory_report(config, model_cfg, mesh, setup, jit_train))
   if sft_data is not None:
     writer.text(sft_data.summary)
+  else:
+    writer.text(f"data: {lm_data.summary()}")
 
-  pending: list[dict[str, jax.Array]] = []
+  pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
+  first_pending = start_step + 1
   last: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
-  step = start_step
-  while step < total_steps:
-    local_batch = next(train_iter)
-    state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
-    pending.append(metrics)
-    step += 1
-    window_steps += 1
-    is_last = step == total_steps
-    if step % config.train.log_every == 0 or is_last:
-      fetched = jax.device_get(pending)  # the only host sync: once per log interval
-      elapsed = time.perf_counter() - window_start
-      tokens_per_s = window_steps * tokens_per_step / elapsed
-      last = {"loss": float(np.mean([m["loss"] for m in fetched])),
-              "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(fetched[-1]["lr"]),
-              "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
-      pending.clear()
-      if val_batches and (step % config.train.eval_every == 0 or is_last):
-        last.update(evaluate(jit_eval, state, val_batches, mesh))
-      writer.write(step, last)
-      writer.advance(step)
-      window_start, window_steps = time.perf_counter(), 0
-    if step % config.train.checkpoint_every == 0 or is_last:
-      checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
-                      train_iter.get_state(), force=is_last)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  step, preempted = start_step, False
+  with preemption.Watcher() as watcher:
+    try:
+      while step < total_steps and not preempted:
+        local_batch = next(train_iter)
+        state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
+        pending.append(metrics)
+        step += 1
+        window_steps += 1
+        preempted = watcher.reached(step)
+        is_last = step == total_steps or preempted
+        save_now = step % config.train.checkpoint_every == 0 or is_last
+        log_now = step % config.train.log_every == 0 or is_last
+        if not (log_now or save_now):
+          continue
+        # The only host sync: once per log interval, and before a save so that the fault
+        # policy has seen every step whose state is about to be written.
+        pending[:] = jax.device_get(pending)
+        fault = faults.violation(pending, first_pending, config.train)
+        if log_now or fault:
+          elapsed = time.perf_counter() - window_start
+          tokens_per_s = window_steps * tokens_per_step / elapsed
+          last = {"loss": float(np.mean([m["loss"] for m in pending])),
+                  "grad_norm": float(pending[-1]["grad_norm"]), "lr": float(pending[-1]["lr"]),
+                  "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+          last.update({k: int(pending[-1][k]) for k in faults.COUNTERS if k in pending[-1]})
+          pending.clear()
+          first_pending = step + 1
+          if val_batches and (step % config.train.eval_every == 0 or step == total_steps) and not fault:
+            last.update(evaluate(jit_eval, state, val_batches, mesh))
+          writer.write(step, last)
+          writer.advance(step)
+          window_start, window_steps = time.perf_counter(), 0
+        if fault:
+          raise faults.NonFiniteError(fault)
+        if save_now:
+          checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
+                          train_iter.get_state(), force=is_last)
+    finally:
+      # Saves in flight become durable whether the loop ended, was preempted or failed.
+      manager.wait_until_finished()
+      manager.close()
+      if hasattr(train_iter, "close"):
+        train_iter.close()  # stops the prefetch thread
+      if sft_data is None:
+        writer.text(f"data read (this run): {lm_data.summary()}")
+      writer.close()
+  if preempted:
+    raise preemption.Preempted(step)
 
   if config.train.sample_prompt and jax.process_index() == 0:
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
@@ -175,6 +204,12 @@ def main(argv):
     run(config, flags.FLAGS.workdir)
   except USER_ERRORS as e:
     fail(str(e))
+  except faults.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(DIVERGED_EXIT_CODE)
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 def fail(message: str) -> None:

@@ -215,7 +215,7 @@ def test_sft_through_the_training_cli(tmp_path, tiny_config):
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
   config = tiny_config(tmp_path, **{"task": "sft", "data.path": path, "data.seq_len": 32,
-                                    "data.packing": True, "data.val_fraction": 0.1,
+                                    "data.packing": "document", "data.val_fraction": 0.1,
                                     "train.steps": 12, "train.eval_every": 12, "train.log_every": 4,
                                     "train.checkpoint_every": 12})
   workdir = os.path.join(tmp_path, "run")

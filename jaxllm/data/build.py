@@ -1,19 +1,136 @@
-"""From a config to a tokenizer, a training dataset and a fixed validation set."""
+"""From a config to a tokenizer, a training dataset, a fixed validation set and data counts.
+
+`data.sources` (optional) names several sources to mix; each entry overrides the
+top-level data keys (source, path, field, ...) and adds a `weight`. Without it the
+top-level keys describe the one source.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Sequence
 
+import grain
 import jax
+import ml_collections
 
 from jaxllm.config import ConfigError
-from jaxllm.data.pipeline import lm_dataset, take_batches
-from jaxllm.data.sources import DataError, load_documents, train_val_split
+from jaxllm.data.packing import PACKING_MODES
+from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
+from jaxllm.data.sources import DataError, DataStats, load_documents, train_val_split
+from jaxllm.data.stream import StreamDataset, spec_from_config
 from jaxllm.tokenizer import load_tokenizer, train_bpe
 
+SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
+               "hf_split", "val_path", "val_fraction")
 
-def prepare_tokenizer(config: Any, workdir: str, train_docs: list[str]):
+
+@dataclasses.dataclass
+class LMData:
+  """What training needs from the data: `train` is an endless grain dataset of this host's batches."""
+  tokenizer: Any
+  train: grain.IterDataset
+  val_batches: list
+  stats: dict[str, DataStats]
+
+  def summary(self) -> str:
+    return " | ".join(f"{name}: {s.summary()}" for name, s in self.stats.items())
+
+
+def source_configs(data_cfg: Any) -> dict[str, Any]:
+  """name -> the resolved config of each source (top-level keys overridden by `data.sources.NAME`)."""
+  entries = data_cfg.get("sources") or {}
+  if not entries:
+    return {"main": data_cfg}
+  resolved = {}
+  for name, entry in entries.items():
+    unknown = set(entry) - set(SOURCE_KEYS) - {"weight"}
+    if unknown:
+      raise ConfigError(f"data.sources.{name}: unknown keys {sorted(unknown)}; use {SOURCE_KEYS + ('weight',)}.")
+    cfg = ml_collections.ConfigDict({k: data_cfg.get(k) for k in SOURCE_KEYS})
+    cfg.update(dict(entry))
+    if float(entry.get("weight", 1.0)) <= 0:
+      raise ConfigError(f"data.sources.{name}.weight must be positive.")
+    cfg.on_bad_record = data_cfg.get("on_bad_record", "skip")
+    resolved[name] = cfg
+  return resolved
+
+
+def _is_stream(cfg: Any) -> bool:
+  return cfg.source == "hf" or bool(cfg.get("streaming", False))
+
+
+class _Source:
+  """One configured source: its training and validation documents for any logical shard."""
+
+  def __init__(self, cfg: Any, seed: int, shuffle_buffer: int):
+    self.cfg, self.seed, self.shuffle_buffer = cfg, seed, shuffle_buffer
+    self.stats = DataStats(cfg.get("on_bad_record", "skip"))
+    self.val_fraction = 0.0 if cfg.get("val_path") else cfg.get("val_fraction", 0.0)
+    if not 0 <= self.val_fraction < 1:
+      raise DataError(f"data.val_fraction={self.val_fraction} must be in [0, 1).")
+    if _is_stream(cfg):
+      self.spec = spec_from_config(cfg)
+      self.val_spec = spec_from_config(cfg, cfg.val_path) if cfg.get("val_path") else None
+    else:
+      docs = load_documents(cfg, self.stats)
+      if cfg.get("val_path"):
+        self.train_docs, self.val_docs = docs, load_documents(cfg, DataStats(self.stats.on_bad_record), cfg.val_path)
+      else:
+        self.train_docs, self.val_docs = train_val_split(docs, self.val_fraction, seed)
+
+  @property
+  def has_val(self) -> bool:
+    return bool(self.cfg.get("val_path")) or self.val_fraction > 0
+
+  def train(self) -> DocumentsFn:
+    if not _is_stream(self.cfg):
+      return memory_documents(self.train_docs, seed=self.seed)
+    split = "train" if self.val_fraction > 0 else "all"
+
+    def make(shard_index: int, num_shards: int) -> grain.IterDataset:
+      docs = StreamDataset(self.spec, self.stats, seed=self.seed, shard_index=shard_index, num_shards=num_shards,
+                           split=split, val_fraction=self.val_fraction)
+      if self.shuffle_buffer > 1:
+        docs = grain.experimental.WindowShuffleIterDataset(docs, window_size=self.shuffle_buffer, seed=self.seed)
+      return docs
+    return make
+
+  def val(self) -> DocumentsFn:
+    if not _is_stream(self.cfg):
+      return memory_documents(self.val_docs, seed=self.seed, shuffle=False, repeat=False)
+    spec, split = (self.val_spec, "all") if self.val_spec else (self.spec, "val")
+    return lambda s, n: StreamDataset(spec, DataStats(self.stats.on_bad_record), seed=self.seed, shard_index=s,
+                                      num_shards=n, shuffle_files=False, repeat=False, split=split,
+                                      val_fraction=self.val_fraction)
+
+  def sample(self, max_chars: int) -> Sequence[str]:
+    """Training documents to fit a tokenizer on (at most about max_chars characters; 0 = all)."""
+    if not _is_stream(self.cfg):
+      if not max_chars:
+        return self.train_docs
+      docs, total = [], 0
+      for i in range(len(self.train_docs)):
+        docs.append(self.train_docs[i])
+        total += len(docs[-1])
+        if total >= max_chars:
+          break
+      return docs
+    docs, total = [], 0
+    for doc in StreamDataset(self.spec, DataStats(self.stats.on_bad_record), seed=self.seed, shuffle_files=False,
+                             repeat=False, split="train" if self.val_fraction > 0 else "all",
+                             val_fraction=self.val_fraction):
+      docs.append(doc)
+      total += len(doc)
+      if total >= (max_chars or 20_000_000):
+        break
+    if not docs:
+      raise self.stats.nothing_error(f"stream {self.spec.name!r}")
+    return docs
+
+
+def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
   """Loads data.tokenizer, or trains a byte-level BPE on the training documents (once per workdir)."""
   if config.data.tokenizer:
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -34,25 +151,38 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: list[str]):
   return tokenizer
 
 
-def _datasets(config: Any, tokenizer: Any, train_docs: list[str], val_docs: list[str]):
-  per_host = config.train.batch_size // jax.process_count()
-  kwargs = dict(tokenizer=tokenizer, eos_id=tokenizer.eos_token_id, seq_len=config.data.seq_len,
-                batch_size=per_host, shard_index=jax.process_index(), shard_count=jax.process_count())
-  train_ds = lm_dataset(train_docs, seed=config.data.seed, **kwargs)
+def num_data_shards(config: Any) -> int:
+  """Logical data shards: data.num_shards, or one per process when it is 0."""
+  num_shards = config.data.get("num_shards", 0) or jax.process_count()
+  if num_shards % jax.process_count() or config.train.batch_size % num_shards:
+    raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the {jax.process_count()} processes "
+                      f"and divide train.batch_size={config.train.batch_size}.")
+  return num_shards
+
+
+def build_lm_data(config: Any, workdir: str) -> LMData:
+  """The tokenizer, this host's endless training batches and the fixed validation batches."""
+  data = config.data
+  if data.get("packing", "concat") not in PACKING_MODES:
+    raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
+  configs = source_configs(data)
+  sources = {name: _Source(cfg, data.seed + 7919 * i, data.get("shuffle_buffer", 10_000))
+             for i, (name, cfg) in enumerate(configs.items())}
+  weights = {name: float(cfg.get("weight", 1.0) or 1.0) for name, cfg in configs.items()}
+  sample = [doc for s in sources.values() for doc in s.sample(data.get("tokenizer_train_chars", 0))]
+  tokenizer = prepare_tokenizer(config, workdir, sample)
+  spec = PackSpec(tokenizer, tokenizer.eos_token_id, data.seq_len, data.get("packing", "concat"),
+                  data.get("pack_bins", 128), data.get("tokenize_batch", 128), data.seed)
+  num_shards = num_data_shards(config)
+  batch_size = config.train.batch_size
+  common = dict(num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
+  train = lm_batches({n: s.train() for n, s in sources.items()}, spec, batch_size, weights=weights,
+                     prefetch=data.get("prefetch", 2), **common)
   val_batches = []
-  if val_docs and config.train.eval_steps > 0:
-    val_ds = lm_dataset(val_docs, seed=config.data.seed, shuffle=False, repeat=False, **kwargs)
-    val_batches = take_batches(val_ds, config.train.eval_steps)
+  if config.train.eval_steps > 0 and all(s.has_val for s in sources.values()):
+    val = lm_batches({n: s.val() for n, s in sources.items()}, spec, batch_size, weights=weights, **common)
+    val_batches = take_batches(val, config.train.eval_steps)
     if not val_batches:
-      raise DataError(f"the validation split ({len(val_docs)} documents) is shorter than one batch of "
-                      f"{per_host} x {config.data.seq_len} tokens; raise data.val_fraction.")
-  return train_ds, val_batches
-
-
-def build_lm_data(config: Any, workdir: str):
-  """(tokenizer, training grain dataset, list of validation batches) for causal-LM training."""
-  docs = load_documents(config.data)
-  train_docs, val_docs = train_val_split(docs, config.data.val_fraction, config.data.seed)
-  tokenizer = prepare_tokenizer(config, workdir, train_docs)
-  train_ds, val_batches = _datasets(config, tokenizer, train_docs, val_docs)
-  return tokenizer, train_ds, val_batches
+      raise DataError(f"the validation split is shorter than one batch of {batch_size // num_shards} x "
+                      f"{data.seq_len} tokens per data shard; raise data.val_fraction or give data.val_path.")
+  return LMData(tokenizer, train, val_batches, {n: s.stats for n, s in sources.items()})

@@ -464,7 +464,7 @@ def build_sft_data(config: Any, workdir: str) -> SftData:
       encode_record(r, template, tokenizer, d.seq_len, d.train_on_prompt, f"{d.path} {tag} record {i + 1}")
       for i, r in enumerate(recs)]
   train_examples, val_examples = encode(train_records, "train"), encode(val_records, "val")
-  kwargs = dict(seq_len=d.seq_len, packing=d.packing, pad_multiple=d.pad_multiple,
+  kwargs = dict(seq_len=d.seq_len, packing=d.packing == "document", pad_multiple=d.pad_multiple,
                 bucket_batches=d.bucket_batches, seed=d.seed, shard_index=jax.process_index(),
                 shard_count=jax.process_count())
   train_ds = sft_dataset(train_examples, config.train.batch_size, **kwargs)

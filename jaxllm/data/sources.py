@@ -1,19 +1,55 @@
-"""Where documents come from: text files and folders, JSONL fields, the Python standard library.
+"""Where documents come from: local files read into memory, a `datasets` directory, the Python stdlib.
 
-A source yields documents (strings). Errors name the file (and line) and say what to do.
+A "memory" source is a random-access sequence of documents (strings), so the
+pipeline can shuffle it globally and resume by index. Streams (corpora larger
+than memory or disk) live in `stream.py`. Records that cannot be used are either
+counted and skipped (`data.on_bad_record='skip'`, the counts are logged) or stop
+the run with one line naming the file and record (`'error'`).
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import json
 import os
 import sysconfig
-from typing import Any, Iterator
+import zlib
+from typing import Any, Iterator, Sequence
 
 
 class DataError(ValueError):
   """Input data that cannot be used; the message names the file/record and the fix."""
+
+
+class DataStats:
+  """Counts of documents read and records skipped (and why), with the first example of each skip.
+
+  Shared by the readers of one source; `summary()` is what the training log shows.
+  """
+
+  def __init__(self, on_bad_record: str = "skip"):
+    if on_bad_record not in ("skip", "error"):
+      raise DataError(f"data.on_bad_record={on_bad_record!r}; use 'skip' or 'error'.")
+    self.on_bad_record = on_bad_record
+    self.counts: collections.Counter = collections.Counter()
+    self.first: dict[str, str] = {}
+
+  def bad(self, reason: str, where: str, fix: str = "") -> None:
+    """Records one unusable record: raises in 'error' mode, else counts it."""
+    if self.on_bad_record == "error":
+      raise DataError(f"{where}: {reason}{'; ' + fix if fix else ''}.")
+    self.counts[f"skipped ({reason})"] += 1
+    self.first.setdefault(f"skipped ({reason})", where)
+
+  def summary(self) -> str:
+    parts = [f"{k}: {v}" + (f" (first: {self.first[k]})" if k in self.first else "")
+             for k, v in sorted(self.counts.items())]
+    return "; ".join(parts) if parts else "nothing read yet"
+
+  def nothing_error(self, name: str) -> DataError:
+    return DataError(f"data source {name} yielded no documents ({self.summary()}); check data.path, "
+                     "data.field and data.source.")
 
 
 def stdlib_documents(max_chars: int = 0) -> list[str]:
@@ -40,97 +76,186 @@ def stdlib_documents(max_chars: int = 0) -> list[str]:
   return docs
 
 
-def _expand_paths(path: str) -> list[str]:
+def expand_paths(path: str) -> list[str]:
+  """A file, a folder (every file below it) or a glob, as a sorted list of files."""
+  if not path:
+    raise DataError("data.path is empty; point it at a file, a folder or a glob.")
   if any(ch in path for ch in "*?["):
-    paths = sorted(glob.glob(path, recursive=True))
+    paths = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
   elif os.path.isdir(path):
     paths = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
   elif os.path.isfile(path):
     paths = [path]
   else:
-    raise DataError(f"data.path={path!r}: no such file or directory; point it at a text/JSONL file, "
-                    "a folder or a glob.")
+    raise DataError(f"data.path={path!r}: no such file or directory; point it at a file, a folder or a glob.")
   if not paths:
     raise DataError(f"data.path={path!r}: matches no files.")
   return paths
 
 
-def text_documents(path: str, unit: str = "file") -> Iterator[str]:
+def _read_text(file_path: str, stats: DataStats) -> str | None:
+  try:
+    with open(file_path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{file_path}: cannot be read ({e.strerror}).") from e
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    stats.bad("not valid UTF-8", f"{file_path} byte {e.start}",
+              "convert it to UTF-8 or remove it from data.path")
+    return None
+
+
+def text_documents(path: str, unit: str, stats: DataStats) -> Iterator[str]:
   """Plain text: one document per file (`unit='file'`) or per non-empty line (`unit='line'`)."""
-  for file_path in _expand_paths(path):
-    try:
-      with open(file_path, encoding="utf-8") as f:
-        if unit == "line":
-          for line in f:
-            if line.strip():
-              yield line.rstrip("\n")
-        else:
-          text = f.read()
-          if text.strip():
-            yield text
-    except UnicodeDecodeError as e:
-      raise DataError(f"{file_path}: not valid UTF-8 (byte {e.start}); convert it to UTF-8 "
-                      "or remove it from data.path.") from e
-    except OSError as e:
-      raise DataError(f"{file_path}: cannot be read ({e.strerror}).") from e
+  if unit not in ("file", "line"):
+    raise DataError(f"data.text_unit={unit!r}; use 'file' or 'line'.")
+  for file_path in expand_paths(path):
+    text = _read_text(file_path, stats)
+    if text is None:
+      continue
+    if not text.strip():
+      stats.bad("empty file", file_path)
+      continue
+    if unit == "file":
+      yield text
+    else:
+      yield from (line for line in text.splitlines() if line.strip())
 
 
-def jsonl_documents(path: str, field: str) -> Iterator[str]:
-  """The string at `field` of every record of JSON-lines files (or a JSON list file)."""
-  for file_path in _expand_paths(path):
-    with open(file_path, encoding="utf-8") as f:
-      head = f.read(1)
-      f.seek(0)
-      if head == "[":
-        try:
-          records = json.load(f)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{file_path}: invalid JSON at line {e.lineno}: {e.msg}.") from e
-        numbered = enumerate(records, 1)
-      else:
-        numbered = _jsonl_records(f, file_path)
-      for line_no, record in numbered:
-        if not isinstance(record, dict) or field not in record:
-          raise DataError(f"{file_path}: record {line_no} has no field {field!r}; set data.field to "
-                          f"one of {sorted(record)[:8] if isinstance(record, dict) else 'its keys'}.")
-        yield str(record[field])
+def record_text(record: Any, field: str, where: str, stats: DataStats) -> str | None:
+  """The document at `field` of a record, or None (counted) when it is missing, empty or not text."""
+  if not isinstance(record, dict) or record.get(field) is None:
+    keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
+    stats.bad(f"no field {field!r}", where, f"set data.field to one of {keys}")
+    return None
+  value = record[field]
+  if not isinstance(value, str):
+    stats.bad(f"field {field!r} is not text", where)
+    return None
+  if not value.strip():
+    stats.bad("empty document", where)
+    return None
+  return value
 
 
-def _jsonl_records(f, file_path: str) -> Iterator[tuple[int, Any]]:
-  for line_no, line in enumerate(f, 1):
+def jsonl_documents(path: str, field: str, stats: DataStats) -> Iterator[str]:
+  """The string at `field` of every record of JSON-lines files (or files holding one JSON list)."""
+  for file_path in expand_paths(path):
+    text = _read_text(file_path, stats)
+    if text is None:
+      continue
+    if not text.strip():
+      stats.bad("empty file", file_path)
+      continue
+    if text.lstrip()[:1] == "[":
+      try:
+        records = enumerate(json.loads(text), 1)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{file_path}: invalid JSON at line {e.lineno}: {e.msg}.") from e
+      label = "record"
+    else:
+      records = _jsonl_records(text, file_path, stats)
+      label = "line"
+    for number, record in records:
+      doc = record_text(record, field, f"{file_path} {label} {number}", stats)
+      if doc is not None:
+        yield doc
+
+
+def _jsonl_records(text: str, file_path: str, stats: DataStats) -> Iterator[tuple[int, Any]]:
+  for line_no, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
       yield line_no, json.loads(line)
     except json.JSONDecodeError as e:
-      raise DataError(f"{file_path}: invalid JSON on line {line_no}: {e.msg}.") from e
+      stats.bad("invalid JSON", f"{file_path} line {line_no} ({e.msg})")
 
 
-def load_documents(data_cfg: Any) -> list[str]:
-  """All documents of the configured source, in a fixed order."""
-  source = data_cfg.source
+def parquet_documents(path: str, field: str, stats: DataStats) -> Iterator[str]:
+  """The `field` column of Parquet files, read one record batch at a time."""
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  for file_path in expand_paths(path):
+    try:
+      parquet = pq.ParquetFile(file_path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+      raise DataError(f"{file_path}: not a readable Parquet file ({e}).") from e
+    if field not in parquet.schema_arrow.names:
+      raise DataError(f"{file_path}: no column {field!r}; set data.field to one of "
+                      f"{parquet.schema_arrow.names[:8]}.")
+    row = 0
+    for batch in parquet.iter_batches(columns=[field]):
+      for value in batch.column(0).to_pylist():
+        row += 1
+        doc = record_text({field: value}, field, f"{file_path} row {row}", stats)
+        if doc is not None:
+          yield doc
+
+
+class SavedDataset(Sequence):
+  """Random access to one text column of a `datasets.Dataset.save_to_disk` directory (memory-mapped)."""
+
+  def __init__(self, path: str, field: str, split: str = "train"):
+    import datasets  # pylint: disable=import-outside-toplevel
+    try:
+      ds = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as e:
+      raise DataError(f"data.path={path!r}: not a directory written by save_to_disk ({e}).") from e
+    if isinstance(ds, datasets.DatasetDict):
+      if split not in ds:
+        raise DataError(f"data.path={path!r} holds splits {list(ds)}; set data.hf_split to one of them.")
+      ds = ds[split]
+    if field not in ds.column_names:
+      raise DataError(f"data.path={path!r}: no column {field!r}; set data.field to one of {ds.column_names[:8]}.")
+    self._column = ds.select_columns([field]).with_format("arrow")
+    self._field, self._path = field, path
+
+  def __len__(self) -> int:
+    return len(self._column)
+
+  def __getitem__(self, index: int) -> str:
+    value = self._column[int(index)][self._field][0].as_py()
+    return value if isinstance(value, str) else ""
+
+
+def _capped(docs: Iterator[str], max_chars: int) -> list[str]:
+  kept, total = [], 0
+  for doc in docs:
+    kept.append(doc)
+    total += len(doc)
+    if max_chars and total >= max_chars:
+      break
+  return kept
+
+
+def load_documents(data_cfg: Any, stats: DataStats | None = None, path: str | None = None) -> Sequence[str]:
+  """All documents of a memory source (`data.source`, at `path` or `data.path`), in a fixed order."""
+  stats = stats if stats is not None else DataStats(data_cfg.get("on_bad_record", "skip"))
+  source, max_chars = data_cfg.source, data_cfg.get("max_chars", 0)
+  path = data_cfg.get("path", "") if path is None else path
+  field = data_cfg.get("field", "text")
   if source == "stdlib":
-    docs = stdlib_documents(data_cfg.get("max_chars", 0))
+    docs = stdlib_documents(max_chars)
   elif source == "text":
-    docs = list(text_documents(data_cfg.path, data_cfg.get("text_unit", "file")))
+    docs = _capped(text_documents(path, data_cfg.get("text_unit", "file"), stats), max_chars)
   elif source == "jsonl":
-    docs = list(jsonl_documents(data_cfg.path, data_cfg.field))
+    docs = _capped(jsonl_documents(path, field, stats), max_chars)
+  elif source == "parquet":
+    docs = _capped(parquet_documents(path, field, stats), max_chars)
+  elif source == "hf_disk":
+    docs = SavedDataset(path, field, data_cfg.get("hf_split", "train"))
   else:
-    raise DataError(f"data.source={source!r} is not known; use 'stdlib', 'text' or 'jsonl'.")
-  if data_cfg.get("max_chars", 0) and source != "stdlib":
-    kept, total = [], 0
-    for doc in docs:
-      kept.append(doc)
-      total += len(doc)
-      if total >= data_cfg.max_chars:
-        break
-    docs = kept
-  if not docs:
-    raise DataError(f"data.source={source!r} path={data_cfg.get('path', '')!r}: yielded no documents.")
+    raise DataError(f"data.source={source!r} is not known; use stdlib, text, jsonl, parquet, hf_disk "
+                    "or hf (streaming).")
+  if len(docs) == 0:
+    raise stats.nothing_error(f"{source!r} at {path!r}")
+  stats.counts["documents"] += len(docs)
   return docs
 
 
-def train_val_split(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def train_val_split(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[Sequence[str], Sequence[str]]:
   """Holds out a fixed, seeded fraction of the documents for validation."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   if not 0 <= val_fraction < 1:
@@ -139,6 +264,24 @@ def train_val_split(docs: list[str], val_fraction: float, seed: int) -> tuple[li
   num_val = int(round(len(docs) * val_fraction))
   if val_fraction > 0:
     num_val = min(max(num_val, 1), len(docs) - 1)
-  val = [docs[i] for i in sorted(order[:num_val])]
-  train = [docs[i] for i in sorted(order[num_val:])]
-  return train, val
+  if isinstance(docs, list):
+    return [docs[i] for i in sorted(order[num_val:])], [docs[i] for i in sorted(order[:num_val])]
+  return _Subset(docs, sorted(order[num_val:])), _Subset(docs, sorted(order[:num_val]))
+
+
+class _Subset(Sequence):
+  """Some indices of a random-access source, without copying it into memory."""
+
+  def __init__(self, base: Sequence[str], indices: Sequence[int]):
+    self._base, self._indices = base, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> str:
+    return self._base[self._indices[index]]
+
+
+def is_validation(text: str, val_fraction: float) -> bool:
+  """A stable, order-free train/validation split of a stream: by a hash of the document itself."""
+  return val_fraction > 0 and (zlib.crc32(text.encode("utf-8", "replace")) % 1_000_000) < val_fraction * 1_000_000

@@ -1,0 +1,190 @@
+"""The grain pipeline: packing modes, host-count-free sharding, exact resume (files and streams), mixtures."""
+
+import json
+import os
+import random
+
+import grain
+import numpy as np
+import pytest
+
+from jaxllm.config import default_config
+from jaxllm.data.pipeline import PackSpec, host_shards, lm_batches, memory_documents
+from jaxllm.data.sources import DataStats
+from jaxllm.data.stream import StreamDataset, spec_from_config
+from jaxllm.tokenizer import train_bpe
+from tests.helpers import _WORDS
+
+SEQ = 16
+
+
+def random_docs(n, seed=0, lo=1, hi=40, prefix="doc"):
+  rng = random.Random(seed)
+  return [f"{prefix} {i}: " + " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return train_bpe(random_docs(200) + ["aaaa bbbb"] * 5, 300)
+
+
+def spec_for(tok, packing="concat", **kw):
+  return PackSpec(tok, tok.eos_token_id, SEQ, packing, pack_bins=kw.pop("pack_bins", 8), tokenize_batch=4, **kw)
+
+
+def ids(tok, doc):
+  return tok(doc, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert sorted(x) == sorted(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def write_jsonl_files(folder, num_files, docs_per_file, seed=0):
+  os.makedirs(folder, exist_ok=True)
+  docs = random_docs(num_files * docs_per_file, seed)
+  for f in range(num_files):
+    with open(os.path.join(folder, f"part{f}.jsonl"), "w", encoding="utf-8") as out:
+      for doc in docs[f * docs_per_file:(f + 1) * docs_per_file]:
+        out.write(json.dumps({"text": doc}) + "\n")
+  return folder
+
+
+def stream_fn(folder, seed=0, shuffle_buffer=0):
+  cfg = default_config().data
+  cfg.update(source="jsonl", path=folder, streaming=True)
+  spec = spec_from_config(cfg)
+
+  def make(s, n):
+    ds = StreamDataset(spec, DataStats(), seed=seed, shard_index=s, num_shards=n)
+    return grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_buffer, seed=seed) \
+        if shuffle_buffer else ds
+  return make
+
+
+def test_concat_rows_are_the_eos_joined_token_stream(tok):
+  docs = random_docs(30, lo=20, hi=200)  # many documents longer than several rows
+  make = memory_documents(docs, seed=0, shuffle=False, repeat=False)
+  batches = list(lm_batches({"d": make}, spec_for(tok), 2, drop_remainder=False))
+  stream = np.concatenate([ids(tok, d) for d in docs])
+  rows = np.concatenate([b["inputs"] for b in batches])
+  assert rows.shape[1] == SEQ and {"inputs", "targets", "weights"} == set(batches[0])
+  full = [r for r, b in zip(rows, np.concatenate([b["weights"] for b in batches])) if b.all()]
+  for i, row in enumerate(full):  # row i holds stream tokens [i*(SEQ+1), (i+1)*(SEQ+1))
+    np.testing.assert_array_equal(row, stream[i * (SEQ + 1):i * (SEQ + 1) + SEQ])
+  assert len(full) == len(stream) // (SEQ + 1)
+
+
+def test_document_packing_keeps_documents_apart(tok):
+  docs = random_docs(40, lo=1, hi=25) + [" ".join(["the cat sat"] * 30)]  # one doc over 5 rows long
+  make = memory_documents(docs, seed=0, shuffle=False, repeat=False)
+  batches = list(lm_batches({"d": make}, spec_for(tok, "document"), 4, drop_remainder=False))
+  pieces = []
+  for b in batches:
+    assert set(b) == {"inputs", "targets", "weights", "segment_ids", "positions"}
+    for inp, tgt, w, seg, pos in zip(b["inputs"], b["targets"], b["weights"], b["segment_ids"], b["positions"]):
+      np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))  # padding carries no loss
+      for s in np.unique(seg[seg > 0]):
+        where = np.flatnonzero(seg == s)
+        assert (np.diff(where) == 1).all()  # a segment is one contiguous run
+        np.testing.assert_array_equal(pos[where], np.arange(len(where)))  # positions restart per document
+        np.testing.assert_array_equal(tgt[where][:-1], inp[where][1:])  # targets are next tokens of the same doc
+        pieces.append((tuple(inp[where]), tuple(tgt[where])))
+  expected = []
+  for d in docs:
+    t = np.asarray(ids(tok, d))
+    expected += [(tuple(t[:-1][i:i + SEQ]), tuple(t[1:][i:i + SEQ])) for i in range(0, len(t) - 1, SEQ)]
+  assert sorted(pieces) == sorted(expected)  # every document, whole or cut in seq_len pieces, exactly once
+  total = sum(b["weights"].size for b in batches)
+  assert sum(b["weights"].sum() for b in batches) / total > 0.75
+
+
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_global_batch_does_not_depend_on_process_count(tok, packing):
+  make = memory_documents(random_docs(300), seed=1)
+  one = iter(lm_batches({"d": make}, spec_for(tok, packing), 8, num_shards=4))
+  hosts = [iter(lm_batches({"d": make}, spec_for(tok, packing), 8, num_shards=4, process_index=h, process_count=2))
+           for h in range(2)]
+  for _ in range(3):
+    global_batch = next(one)
+    halves = [next(h) for h in hosts]
+    assert halves[0]["inputs"].shape == (4, SEQ)
+    assert_same([global_batch], [{k: np.concatenate([halves[0][k], halves[1][k]]) for k in global_batch}])
+  assert list(host_shards(8, 1, 4)) == [2, 3]
+  with pytest.raises(ValueError, match="not divisible by data.num_shards=3"):
+    lm_batches({"d": make}, spec_for(tok), 8, num_shards=3)
+
+
+def test_stream_global_batch_does_not_depend_on_process_count(tok, tmp_path):
+  make = stream_fn(write_jsonl_files(str(tmp_path / "s"), 4, 10), shuffle_buffer=8)
+  one = take(iter(lm_batches({"d": make}, spec_for(tok), 4, num_shards=2)), 3)
+  hosts = [take(iter(lm_batches({"d": make}, spec_for(tok), 4, num_shards=2, process_index=h, process_count=2)), 3)
+           for h in range(2)]
+  assert_same(one, [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*hosts)])
+
+
+def test_seeded_and_deterministic(tok):
+  docs = random_docs(100)
+  first = lambda seed: next(iter(lm_batches({"d": memory_documents(docs, seed=seed)}, spec_for(tok), 4)))
+  assert_same([first(0)], [first(0)])
+  assert not np.array_equal(first(0)["inputs"], first(1)["inputs"])
+
+
+def resume_matches(dataset, k, m):
+  """Batches k+1..k+m of an unbroken iterator == those of a fresh one restored from the state at k."""
+  unbroken = iter(dataset)
+  take(unbroken, k)
+  state = json.loads(json.dumps(unbroken.get_state()))  # the checkpoint stores it as JSON
+  expected = take(unbroken, m)
+  resumed = iter(dataset)
+  resumed.set_state(state)
+  assert_same(take(resumed, m), expected)
+
+
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_resume_from_files_is_exact(tok, packing):
+  sources = {"a": memory_documents(random_docs(60, seed=1), seed=0),
+             "b": memory_documents(random_docs(20, seed=2, prefix="other"), seed=5)}
+  ds = lm_batches(sources, spec_for(tok, packing), 4, weights={"a": 2.0, "b": 1.0}, num_shards=2, prefetch=2)
+  resume_matches(ds, k=7, m=6)  # 60 short docs: several epochs pass, each reshuffled
+
+
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_resume_from_stream_is_exact(tok, tmp_path, packing):
+  make = stream_fn(write_jsonl_files(str(tmp_path / "s"), 3, 7), seed=4, shuffle_buffer=5)
+  ds = lm_batches({"d": make}, spec_for(tok, packing), 4, num_shards=2, prefetch=2)
+  resume_matches(ds, k=9, m=6)  # 21 docs, 3 files: crosses file and epoch boundaries
+
+
+def test_stream_shuffles_file_order_per_epoch_and_splits_files_between_shards(tmp_path):
+  folder = write_jsonl_files(str(tmp_path / "s"), 4, 3)
+  make = stream_fn(folder, seed=0)
+
+  def file_order(docs):
+    return [int(d.split(":")[0].split()[1]) // 3 for d in docs[::3]]
+  it = iter(make(0, 1))
+  epochs = [file_order(take(it, 12)) for _ in range(4)]
+  assert all(sorted(e) == [0, 1, 2, 3] for e in epochs) and len({tuple(e) for e in epochs}) > 1
+  assert epochs == [file_order(take(it2, 12)) for it2 in [iter(make(0, 1))] for _ in range(4)]
+  halves = [set(take(iter(make(s, 2)), 6)) for s in range(2)]
+  assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 12
+  odd = [set(take(iter(make(s, 3)), 4)) for s in range(3)]  # 4 files, 3 shards: split by record
+  assert len(set.union(*odd)) == 12
+
+
+def test_mixture_weights_are_shares_of_rows(tok):
+  sources = {"a": memory_documents(["aaaa bbbb aaaa"] * 20, seed=0),
+             "b": memory_documents(random_docs(50), seed=0)}
+  batches = take(iter(lm_batches(sources, spec_for(tok), 8, weights={"a": 3.0, "b": 1.0})), 10)
+  aaaa = tok("aaaa", add_special_tokens=False)["input_ids"][0]
+  rows = np.concatenate([b["inputs"] for b in batches])
+  share_a = np.mean([(row == aaaa).sum() > 3 for row in rows])
+  assert 0.7 <= share_a <= 0.8

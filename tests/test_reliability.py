@@ -1,0 +1,138 @@
+"""Reliability of real training processes: SIGTERM (preemption), SIGKILL (crash) and exact resume.
+
+Every run here is a separate `python -m jaxllm.train` process on one CPU device, as a
+scheduler would start it. The learning rate is constant after warmup (min_lr = lr), so
+a run's losses do not depend on train.steps and a shortened rerun is comparable step
+by step with the long one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxllm.preemption import PREEMPTED_EXIT_CODE
+from tests.helpers import REPO_ROOT, make_tiny_config
+
+LONG = 1000  # steps the interrupted runs are configured for; they never get there
+
+
+def write_config_file(config, path) -> str:
+  """A config file (`get_config()`) holding `config`, for `--config`."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("import ml_collections\n\n\ndef get_config():\n"
+            f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  return str(path)
+
+
+def train_env(devices: int = 1, **extra) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env.update(extra)
+  return env
+
+
+def start_train(config_path: str, workdir: str, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "-m", "jaxllm.train", "--config", config_path, "--workdir", workdir, *overrides],
+      cwd=REPO_ROOT, env=env or train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def wait_for_step(proc: subprocess.Popen, workdir: str, step: int, past_checkpoint: int = 0,
+                  after_line: int = 0, timeout: float = 180) -> int:
+  """Waits until the run has logged `step` (in metrics.jsonl beyond line `after_line`), and
+  `past_checkpoint` steps beyond its latest complete checkpoint if that is > 0; returns the
+  last logged step."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    records = read_metrics(workdir)[after_line:]
+    if records and records[-1]["step"] >= step:
+      if not past_checkpoint:
+        return records[-1]["step"]
+      complete = checkpoint_steps(workdir)
+      if complete and records[-1]["step"] >= complete[-1] + past_checkpoint:
+        return records[-1]["step"]
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
+    time.sleep(0.02)
+  proc.kill()
+  raise AssertionError(f"training did not reach step {step} in {timeout}s")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+  out, err = proc.communicate(timeout=timeout)
+  return proc.returncode, out, err
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The complete checkpoints: orbax renames a step's directory to `<step>` once it is written."""
+  path = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def final_losses(workdir: str) -> dict[int, float]:
+  """Step -> loss, the last record of each step winning (a resumed run logs re-run steps again)."""
+  return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("reliability")
+  config = make_tiny_config(tmp, **{
+      "train.steps": LONG, "train.log_every": 1, "train.checkpoint_every": 4, "train.eval_steps": 0,
+      "train.peak_flops": 1e12, "optim.lr": 3e-3, "optim.min_lr": 3e-3, "optim.warmup_steps": 2})
+  return write_config_file(config, tmp / "config.py")
+
+
+def test_sigkill_and_sigterm_resume_bit_identically(run_config, tmp_path):
+  workdir = str(tmp_path / "run")
+
+  # Leg 1: killed outright (no chance to save) several steps past a complete checkpoint.
+  # Its records up to the kill are the losses of an unbroken run.
+  proc = start_train(run_config, workdir)
+  killed_at = wait_for_step(proc, workdir, 5, past_checkpoint=6)
+  proc.send_signal(signal.SIGKILL)
+  assert finish(proc)[0] == -signal.SIGKILL
+  unbroken = final_losses(workdir)
+  assert sorted(unbroken) == list(range(1, killed_at + 1))
+  resume_from = checkpoint_steps(workdir)[-1]
+  assert resume_from <= killed_at - 6
+  # A save that was cut off leaves a temporary directory behind; it must never be loaded.
+  partial = os.path.join(workdir, "checkpoints", f"{killed_at + 40}.orbax-checkpoint-tmp-1700000000000")
+  os.makedirs(os.path.join(partial, "state"))
+  with open(os.path.join(partial, "state", "_METADATA"), "w", encoding="utf-8") as f:
+    f.write("{truncated")
+
+  # Leg 2: the same command resumes from the last complete checkpoint; SIGTERM at once.
+  proc = start_train(run_config, workdir)
+  wait_for_step(proc, workdir, resume_from + 1, after_line=len(unbroken))
+  proc.send_signal(signal.SIGTERM)
+  code, out, err = finish(proc)
+  assert code == PREEMPTED_EXIT_CODE, err[-2000:]
+  assert f"start at step {resume_from} of {LONG}" in out
+  assert not os.path.exists(partial), "the partial save was not cleaned up"
+  preempted_at = read_metrics(workdir)[-1]["step"]
+  # The current step was finished, logged and checkpointed before exiting.
+  assert checkpoint_steps(workdir)[-1] == preempted_at
+  assert f"saved a checkpoint at step {preempted_at}" in err
+  assert preempted_at < killed_at, "SIGTERM came too late for this test; raise past_checkpoint"
+
+  # Leg 3: the same command resumes after the preemption (ending where leg 1 was killed).
+  code, out, err = finish(start_train(run_config, workdir, f"--config.train.steps={killed_at}"))
+  assert code == 0, err[-2000:]
+  assert f"start at step {preempted_at} of {killed_at}" in out
+  # Every step, whether run once or again after the kill, has the unbroken run's exact loss.
+  assert final_losses(workdir) == unbroken
