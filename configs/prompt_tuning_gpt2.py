@@ -15,7 +15,7 @@ from configs.sft_gpt2 import get_config as sft_config
 def get_config():
   config = sft_config()
   config.model.num_virtual_tokens = 20
-  config.data.update(packing=False, seq_len=512, pad_multiple=64)  # virtual tokens need no packing
+  config.data.update(packing="concat", seq_len=512, pad_multiple=64)  # virtual tokens need no packing
   config.train.update(trainable="^prompt/", prompt_init_text="Answer the following instruction well.",
                       frozen_dtype="bfloat16", steps=2000)
   config.optim.update(lr=3e-2, warmup_steps=100, min_lr=3e-3, weight_decay=0.0)

@@ -14,7 +14,7 @@ def get_config():
   config.task = "sft"
   config.init_from = "runs/gpt2"
   config.model.vocab_size = 50257
-  config.data.update(source="jsonl", path="", seq_len=512, template="alpaca", packing=True,
+  config.data.update(source="jsonl", path="", seq_len=512, template="alpaca", packing="document",
                      tokenizer="runs/gpt2/tokenizer", val_fraction=0.02)
   config.train.update(steps=2000, batch_size=32, log_every=20, eval_every=250, eval_steps=10,
                       checkpoint_every=500, sample_prompt="Give three tips for staying healthy.",

@@ -28,7 +28,7 @@ def get_config(stage: str = "sft"):
                       sample_prompt="Give three tips for staying healthy.", sample_tokens=96,
                       sample_temperature=0.0)
   if stage == "base":
-    config.data.update(source="jsonl", path=SAMPLE, field="output", seq_len=128, val_fraction=0.05,
+    config.data.update(source="jsonl", path=SAMPLE, field="output", seq_len=64, val_fraction=0.0,
                        tokenizer_vocab_size=2048)
     config.train.update(steps=600, batch_size=16, sample_prompt="")
     config.optim.update(lr=3e-3, warmup_steps=50, min_lr=3e-4, weight_decay=0.1)

@@ -52,7 +52,7 @@ def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
   """Compiled per-device memory of this step beside that of full fine-tuning of the same model."""
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   shape = (config.train.batch_size, config.data.seq_len)
-  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") else ())
+  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") == "document" else ())
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
   batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))

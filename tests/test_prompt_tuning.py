@@ -217,7 +217,7 @@ def test_a_peft_trained_prompt_loads_here(tmp_path, base):
 
 
 def test_prompt_tuning_config_errors(tmp_path, base, sft_file):
-  config = prompt_config(tmp_path, base, sft_file, **{"data.packing": True})
+  config = prompt_config(tmp_path, base, sft_file, **{"data.packing": "document"})
   with pytest.raises(ConfigError, match="cannot be combined with data.packing"):
     validate(config, jax.device_count())
   config = prompt_config(tmp_path, base, sft_file, **{"data.seq_len": 62})
