@@ -57,9 +57,10 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path: str, abstract_params: Any) -> Any:
+def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any:
   """Loads only the model parameters from a jaxllm checkpoint dir (a workdir, its
-  `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning)."""
+  `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning).
+  `step` picks one of several saved steps (default: the latest)."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -68,7 +69,9 @@ def load_params(path: str, abstract_params: Any) -> Any:
     steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
     if not steps:
       raise CheckpointError(f"init_from={path}: no jaxllm checkpoint there (expected <dir>/checkpoints/<step>/state).")
-    step_dir = os.path.join(path, str(steps[-1]))
+    if step is not None and step not in steps:
+      raise CheckpointError(f"{path}: no checkpoint for step {step}; saved steps: {steps}.")
+    step_dir = os.path.join(path, str(steps[-1] if step is None else step))
   state_dir = os.path.join(step_dir, "state")
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
@@ -108,9 +111,10 @@ def read_run_config(path: str) -> dict:
     return json.load(f)
 
 
-def load_model_dir(path: str, shardings: Any = None):
+def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
-  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh."""
+  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
+  picks a saved step (default: the latest)."""
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxllm.models import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
@@ -136,7 +140,7 @@ def load_model_dir(path: str, shardings: Any = None):
   else:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
-  params = load_params(path, abstract)
+  params = load_params(path, abstract, step)
   tokenizer = None
   tok_dir = os.path.join(path, "tokenizer")
   if os.path.isdir(tok_dir):

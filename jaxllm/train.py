@@ -23,7 +23,7 @@ from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data import sft
 from jaxllm.data.sources import DataError
-from jaxllm.generate import generate
+from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
 from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
@@ -76,8 +76,32 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
 
 
+# Keys of config.model that say how to run a model, not what it is: with init_from they stay the
+# recipe's; every other model key comes from the init_from directory's config.json.
+RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",
+                      "num_virtual_tokens")  # an adapter on the base, not the base's architecture
+
+
+def adopt_init_from_architecture(config: Any) -> list[str]:
+  """Sets config.model's architecture keys from init_from's config.json (a converted HF model or a
+  run's workdir); returns "key: recipe -> checkpoint" for each value that changed."""
+  if not config.init_from or not os.path.isfile(os.path.join(config.init_from, "config.json")):
+    return []
+  source = checkpoint.read_run_config(config.init_from).get("model", {})
+  changed = []
+  with config.unlocked():
+    for key, value in source.items():
+      if key in RUNTIME_MODEL_KEYS or config.model.get(key) == value:
+        continue
+      if key in config.model:
+        changed.append(f"{key}: {config.model[key]!r} -> {value!r}")
+      config.model[key] = value
+  return changed
+
+
 def run(config: Any, workdir: str) -> dict[str, float]:
   """Trains as configured; returns the last logged metrics."""
+  adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -119,6 +143,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
   writer = MetricsWriter(workdir, total_steps, start_step, config.train.tensorboard, config.train.progress)
   num_params = model_cfg.num_params()
+  if adopted:
+    writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
   if config.train.get("trainable", "") and start_step == 0:
@@ -182,16 +208,18 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   if preempted:
     raise preemption.Preempted(step)
 
-  if config.train.sample_prompt and jax.process_index() == 0:
+  if config.train.sample_prompt:  # every process runs the sharded decode; process 0 prints
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
     if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
       prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
-    params = jax.device_get(merge_params(state.params, state.frozen))
-    new_ids = generate(setup.model, params, prompt_ids, max_new_tokens=config.train.sample_tokens,
-                       rng=jax.random.key(config.train.seed), temperature=config.train.sample_temperature,
-                       top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(new_ids) + "\n--------------",
-          flush=True)
+    prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
+                              top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+    [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
+                            sampling, mesh=mesh, seed=config.train.seed)
+    if jax.process_index() == 0:
+      print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
+            "\n--------------", flush=True)
   return last
 
 

@@ -131,13 +131,19 @@ class _Source:
 
 
 def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
-  """Loads data.tokenizer, or trains a byte-level BPE on the training documents (once per workdir)."""
+  """Loads data.tokenizer, else the workdir's, else init_from's (a converted HF model brings its
+  own), else trains a byte-level BPE on the training documents (once per workdir)."""
+  tok_dir = os.path.join(workdir, "tokenizer")
+  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
   if config.data.tokenizer:
     tokenizer = load_tokenizer(config.data.tokenizer)
   else:
-    tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
       tokenizer = load_tokenizer(tok_dir)
+    elif init_tok_dir and os.path.isdir(init_tok_dir):
+      tokenizer = load_tokenizer(init_tok_dir)
+      if jax.process_index() == 0:  # the workdir stays a complete model directory (generate, to-hf)
+        tokenizer.save_pretrained(tok_dir)
     else:
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
       tokenizer = train_bpe(train_docs, vocab)

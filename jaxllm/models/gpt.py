@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Attention, Mlp, alibi_bias, attention_mask, make_norm
+from jaxllm.models.layers import Attention, KVCache, Mlp, alibi_bias, attention_mask, make_norm
 
 Array = jax.Array
 
@@ -23,14 +23,19 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> Array | tuple[Array, KVCache]:
+    """With `cache` (decoding, see Attention) returns (x, new_cache), else x."""
     cfg = self.cfg
     h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
-    h = Attention(cfg, name="attn")(h, positions, mask, bias, deterministic)
+    h = Attention(cfg, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
+    if cache is not None:
+      h, cache = h
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
     h = Mlp(cfg, name="mlp")(h, deterministic)
-    return x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return x if cache is None else (x, cache)
 
 
 class GPT(nn.Module):
@@ -70,13 +75,13 @@ class GPT(nn.Module):
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                    ("embed", "vocab")))
 
-  def embed_tokens(self, tokens: Array, positions: Array) -> Array:
-    """positions [batch, num_virtual_tokens + seq] when prompt tuning: the prompt is embedded
-    like tokens (position embeddings and embed_norm apply to it too, as in HF PEFT)."""
+  def embed_tokens(self, tokens: Array, positions: Array, prefix_embeddings: Array | None = None
+                   ) -> Array:
+    """prefix_embeddings [batch, prefix_len, d_model] (soft prompts) go before the tokens and
+    take the first prefix_len of `positions`, which then covers prefix + tokens."""
     x = self.embed(tokens)
-    if self.cfg.num_virtual_tokens:
-      prompt = self.prompt(jnp.arange(self.cfg.num_virtual_tokens))  # [virtual, d_model]
-      x = jnp.concatenate([jnp.broadcast_to(prompt, (x.shape[0],) + prompt.shape).astype(x.dtype), x], 1)
+    if prefix_embeddings is not None:
+      x = jnp.concatenate([prefix_embeddings.astype(x.dtype), x], axis=1)
     if self.cfg.position == "learned":
       x = x + self.pos_embed(positions)
     if self.cfg.embed_norm:
@@ -110,7 +115,10 @@ class GPT(nn.Module):
       if prefix_len is not None:
         prefix_len = prefix_len + num_virtual
       seq_len += num_virtual
-    x = self.embed_tokens(tokens, positions)
+    prompt = None
+    if num_virtual:  # embedded like tokens (position embeddings, embed_norm), as in HF PEFT
+      prompt = jnp.broadcast_to(self.prompt(jnp.arange(num_virtual)), (batch, num_virtual, cfg.d_model))
+    x = self.embed_tokens(tokens, positions, prompt)
     x = self.dropout(x, deterministic=deterministic)
     mask = attention_mask(seq_len, segment_ids, prefix_len, causal=True, batch=batch)
     bias = None
@@ -121,3 +129,30 @@ class GPT(nn.Module):
     for layer in self.layers:
       x = layer(x, positions, mask, bias, deterministic)
     return self.logits(x[:, num_virtual:])  # virtual positions predict nothing and get no loss
+
+  def decode(self, tokens: Array, cache: tuple[KVCache, ...], cache_index: Array,
+             key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None
+             ) -> tuple[Array, tuple[KVCache, ...]]:
+    """Runs `tokens` against a preallocated KV cache (prefill: the whole prompt; then one token).
+
+    tokens [batch, q_len] fill cache slots cache_index .. cache_index + q_len - 1 (after
+    prefix_embeddings [batch, prefix_len, d_model], if given, which take the first slots).
+    key_positions [batch, max_len] is the position of the token in each slot and key_valid
+    [batch, max_len] is False for padding slots; a query sees valid slots up to its own.
+    Returns the float32 logits of the last slot [batch, vocab] and the updated cache.
+    Build the model with remat="none" to call this (decoding keeps no activations).
+    """
+    cfg = self.cfg
+    q_len = tokens.shape[1] + (0 if prefix_embeddings is None else prefix_embeddings.shape[1])
+    max_len = key_positions.shape[1]
+    positions = jax.lax.dynamic_slice_in_dim(key_positions, cache_index, q_len, axis=1)
+    x = self.embed_tokens(tokens, positions, prefix_embeddings)
+    slots = cache_index + jnp.arange(q_len)
+    causal = jnp.arange(max_len)[None, :] <= slots[:, None]  # [q_len, max_len]
+    mask = key_valid[:, None, None, :] & causal[None, None]  # [batch, 1, q_len, max_len]
+    bias = alibi_bias(cfg.num_heads, positions, key_positions) if cfg.position == "alibi" else None
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = layer(x, positions, mask, bias, True, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    return self.logits(x[:, -1:])[:, 0], tuple(new_cache)

@@ -7,6 +7,7 @@ Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -92,14 +93,27 @@ def attention_mask(q_len: int, segment_ids: Array | None = None, prefix_len: Arr
   return mask[:, None, :, :]
 
 
+class KVCache(NamedTuple):
+  """One layer's preallocated keys and values, each [batch, max_len, kv_heads, head_dim]."""
+  k: Array
+  v: Array
+
+
 class Attention(nn.Module):
-  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`."""
+  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
+
+  With `cache` (decoding), the new keys/values are written into the cache at slot
+  `cache_index` and the queries attend over every cache slot; `mask` then has shape
+  [batch, 1, q_len, max_len] and says which slots each query may see. Returns
+  (out, new_cache) in that case, else out.
+  """
   cfg: ModelConfig
   causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, cache: KVCache | None = None,
+               cache_index: Array | None = None) -> Array | tuple[Array, KVCache]:
     cfg = self.cfg
     dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
         features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -112,14 +126,21 @@ class Attention(nn.Module):
     if cfg.position == "rotary":
       q = rotary_embedding(q, positions, cfg.rope_theta)
       k = rotary_embedding(k, positions, cfg.rope_theta)
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=self.causal and mask is None,
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                      jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+      k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias,
+                                causal=self.causal and mask is None and cache is None,
                                 impl=cfg.attention_impl)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=dense_init(out_std, ("heads", "head_dim", "embed")),
         bias_init=zeros_init(("embed",)), name="out")(out)
+    return out if cache is None else (out, cache)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None, bias: Array | None,

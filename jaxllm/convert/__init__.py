@@ -1,0 +1,41 @@
+"""Hugging Face interop: `from_hf` (HF directory -> jaxllm model directory) and `to_hf` (back).
+
+Architectures are registered by their HF class name, one mapping module each; adding
+one is a module with an `ARCHITECTURE` and one line in `_MODULES` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from jaxllm.convert.base import Architecture, ConvertError
+
+_MODULES = {
+    "GPT2LMHeadModel": "jaxllm.convert.gpt2",
+    "LlamaForCausalLM": "jaxllm.convert.llama",
+    "BloomForCausalLM": "jaxllm.convert.bloom",
+}
+
+
+def architectures() -> dict[str, Architecture]:
+  """Every registered architecture by HF class name, in registration order."""
+  return {name: importlib.import_module(module).ARCHITECTURE for name, module in _MODULES.items()}
+
+
+def get_architecture(name: str) -> Architecture:
+  if name not in _MODULES:
+    raise ConvertError(f"architecture {name!r} is not supported; jaxllm converts {', '.join(_MODULES)}.")
+  return importlib.import_module(_MODULES[name]).ARCHITECTURE
+
+
+def from_hf(*args, **kwargs):
+  from jaxllm.convert.importer import from_hf as impl  # pylint: disable=import-outside-toplevel
+  return impl(*args, **kwargs)
+
+
+def to_hf(*args, **kwargs):
+  from jaxllm.convert.exporter import to_hf as impl  # pylint: disable=import-outside-toplevel
+  return impl(*args, **kwargs)
+
+
+__all__ = ["Architecture", "ConvertError", "architectures", "get_architecture", "from_hf", "to_hf"]
