@@ -7,8 +7,10 @@ killed mid-save resumes from the previous complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -30,10 +32,65 @@ def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.Ch
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any | None,
          force: bool = False) -> bool:
-  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state."""
+  """Starts an asynchronous save of `state` and the (JSON-able) data iterator state.
+
+  A disk without room for it is reported before anything is written (CheckpointError);
+  earlier checkpoints are never touched by a failed save.
+  """
   args = {"state": ocp.args.StandardSave(state)}
   args["data"] = ocp.args.JsonSave(data_state if data_state is not None else {})
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  with _write_errors(manager, step):
+    manager.wait_until_finished()  # the previous save's bytes count against the free space
+    _check_free_space(str(manager.directory), step, state)
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Blocks until every save has been written (and renamed into place)."""
+  with _write_errors(manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+# Substrings of the errors that writing to a full, read-only or forbidden disk produce, from
+# Python (OSError) and from orbax/tensorstore (ValueError "RESOURCE_EXHAUSTED: ... os_error_code").
+_DISK_ERRORS = ("No space left", "Read-only file system", "Permission denied", "Disk quota exceeded",
+                "os_error_code")
+
+
+@contextlib.contextmanager
+def _write_errors(manager: ocp.CheckpointManager, step: int | None):
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    reason = next((r for r in _DISK_ERRORS[:-1] if r in str(e)), None)
+    if reason is None and _DISK_ERRORS[-1] not in str(e):
+      raise
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {manager.directory} ({reason or str(e).splitlines()[0][:200]}); "
+        "free space or use another --workdir. Earlier checkpoints are intact.") from e
+
+
+def _check_free_space(directory: str, step: int, state: Any) -> None:
+  needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) // jax.process_count()
+  free = shutil.disk_usage(directory).free
+  if free < needed * 1.05 + (1 << 16):  # the arrays plus some room for orbax's metadata
+    raise CheckpointError(
+        f"cannot write checkpoint {step} to {directory}: it needs about {needed / 2**20:.1f} MiB but "
+        f"{free / 2**20:.1f} MiB are free; free space or use another --workdir. Earlier checkpoints "
+        "are intact.")
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates `workdir` and writes a file there, so a read-only or missing disk stops the run at once."""
+  probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); "
+                          "use a writable directory.") from e
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None

@@ -30,7 +30,8 @@ from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, m
 from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_of
 from jaxllm.step import eval_step, train_step
 
-USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError)
+USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError,
+               OSError)  # OSError: a disk or path problem outside checkpoints (full, read-only, gone)
 # Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
 # preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
 DIVERGED_EXIT_CODE = 3
@@ -104,7 +105,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
+  checkpoint.ensure_writable(workdir)
   if jax.process_index() == 0:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
@@ -198,7 +199,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
                           train_iter.get_state(), force=is_last)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
-      manager.wait_until_finished()
+      checkpoint.wait(manager)
       manager.close()
       if hasattr(train_iter, "close"):
         train_iter.close()  # stops the prefetch thread
