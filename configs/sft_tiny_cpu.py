@@ -34,7 +34,7 @@ def get_config(stage: str = "sft"):
     config.optim.update(lr=3e-3, warmup_steps=50, min_lr=3e-4, weight_decay=0.1)
     return config
   config.task = "sft"
-  config.data.update(path=SAMPLE, template="alpaca", seq_len=256, val_fraction=0.05, pad_multiple=32)
-  config.train.update(steps=300, batch_size=16)
+  config.data.update(path=SAMPLE, template="alpaca", seq_len=256, val_fraction=0.1, pad_multiple=32)
+  config.train.update(steps=150, batch_size=16)
   config.optim.update(lr=1e-3, warmup_steps=20, min_lr=1e-4, weight_decay=0.0)
   return config

@@ -178,8 +178,10 @@ def test_prompt_run_checkpoints_only_the_prompt_resumes_and_exports_to_peft(tmp_
     tree = ckpt.metadata(state_dir).item_metadata.tree
   assert set(tree["params"]) == {"prompt"} and not tree.get("frozen")
   # Resume: more steps on the same workdir; the frozen part is re-read from init_from.
-  train.run(prompt_config(tmp_path, base, sft_file, **{"train.steps": 6}), workdir)
-  assert "start at step 4 of 6" in capsys.readouterr().out
+  train.run(prompt_config(tmp_path, base, sft_file, **{"train.steps": 6, "train.sample_prompt": "list",
+                                                       "train.sample_tokens": 3}), workdir)
+  out = capsys.readouterr().out
+  assert "start at step 4 of 6" in out and "Human: list\n\nAssistant: " in out  # generated after the prompt
 
   model_cfg, params, tokenizer = checkpoint.load_model_dir(workdir)
   assert tokenizer is not None and model_cfg.num_virtual_tokens == 4
