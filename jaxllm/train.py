@@ -21,6 +21,7 @@ import numpy as np
 from jaxllm import checkpoint, faults, hardware, peft, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
+from jaxllm.data.pipeline import restore_iterator
 from jaxllm.data import sft
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
@@ -130,7 +131,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     if by_reference:
       state = state.replace(frozen=peft.load_frozen(config, setup))
     if data_state:
-      train_iter.set_state(data_state)
+      restore_iterator(train_iter, data_state)
   else:
     init_rng = jax.random.fold_in(rng, 1)
     params = peft.initial_params(config, setup, tokenizer, init_rng)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxllm.config import default_config
-from jaxllm.data.pipeline import PackSpec, host_shards, lm_batches, memory_documents
-from jaxllm.data.sources import DataStats
+from jaxllm.data.pipeline import PackSpec, host_shards, lm_batches, memory_documents, restore_iterator
+from jaxllm.data.sources import DataError, DataStats
 from jaxllm.data.stream import StreamDataset, spec_from_config
 from jaxllm.tokenizer import train_bpe
 from tests.helpers import _WORDS
@@ -157,11 +157,20 @@ def test_resume_from_files_is_exact(tok, packing):
   resume_matches(ds, k=7, m=6)  # 60 short docs: several epochs pass, each reshuffled
 
 
-@pytest.mark.parametrize("packing", ["concat", "document"])
-def test_resume_from_stream_is_exact(tok, tmp_path, packing):
-  make = stream_fn(write_jsonl_files(str(tmp_path / "s"), 3, 7), seed=4, shuffle_buffer=5)
+@pytest.mark.parametrize("packing,num_files", [("concat", 3), ("document", 3), ("document", 4)])
+def test_resume_from_stream_is_exact(tok, tmp_path, packing, num_files):
+  make = stream_fn(write_jsonl_files(str(tmp_path / "s"), num_files, 7), seed=4, shuffle_buffer=5)
   ds = lm_batches({"d": make}, spec_for(tok, packing), 4, num_shards=2, prefetch=2)
-  resume_matches(ds, k=9, m=6)  # 21 docs, 3 files: crosses file and epoch boundaries
+  resume_matches(ds, k=9, m=6)  # 21-28 docs: crosses file and epoch boundaries; 3 files split by record
+
+
+def test_a_position_from_another_pipeline_is_a_clear_error(tok):
+  make = memory_documents(random_docs(50), seed=0)
+  it = iter(lm_batches({"d": make}, spec_for(tok, "concat"), 4))
+  next(it)
+  other = iter(lm_batches({"d": make}, spec_for(tok, "document"), 4, num_shards=2))
+  with pytest.raises(DataError, match="does not fit this data pipeline"):
+    restore_iterator(other, it.get_state())
 
 
 def test_stream_shuffles_file_order_per_epoch_and_splits_files_between_shards(tmp_path):

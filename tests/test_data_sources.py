@@ -54,7 +54,7 @@ def test_parquet_and_saved_datasets_dir(tmp_path):
   assert stats.counts["skipped (no field 'text')"] == 1 and "row 2" in stats.summary()
   datasets.Dataset.from_dict({"body": ["s1", "s2", "s3"]}).save_to_disk(str(tmp_path / "saved"))
   docs = load_documents(data_cfg(source="hf_disk", path=str(tmp_path / "saved"), field="body"))
-  assert [docs[i] for i in range(len(docs))] == ["s1", "s2", "s3"]
+  assert [docs[i] for i in range(len(docs))] == ["s1", "s2", "s3"] and docs[1:] == ["s2", "s3"]
   with pytest.raises(DataError, match="no column 'text'.*body"):
     load_documents(data_cfg(source="hf_disk", path=str(tmp_path / "saved")))
 
@@ -132,3 +132,9 @@ def test_mixture_entries_inherit_top_level_keys():
   cfg.sources = ml_collections.ConfigDict(dict(zero=dict(weight=0.0)))
   with pytest.raises(ConfigError, match="weight must be positive"):
     source_configs(cfg)
+
+
+def test_a_stream_can_be_read_as_a_list(tmp_path):
+  path = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+  assert list(load_documents(data_cfg(source="hf", hf_name="json", path=path))) == [f"doc {i}" for i in range(5)]
+  assert list(load_documents(data_cfg(source="jsonl", streaming=True, path=path, max_chars=10))) == ["doc 0", "doc 1"]

@@ -24,6 +24,7 @@ import grain
 import numpy as np
 
 from jaxllm.data.packing import pack, tokenize, tokenize_fn  # noqa: F401  (tokenize_fn re-exported)
+from jaxllm.data.sources import DataError
 
 # A function (shard_index, num_shards) -> that shard's documents as a grain IterDataset.
 DocumentsFn = Callable[[int, int], grain.IterDataset]
@@ -115,6 +116,16 @@ def lm_dataset(docs: Sequence[str], tokenizer: Any, eos_id: int, seq_len: int, b
   make = memory_documents(docs, seed=seed, shuffle=shuffle, repeat=repeat)
   rows = shard_rows({"docs": lambda _s, _n: make(shard_index, shard_count)}, {"docs": 1.0}, spec, shard_index, 1)
   return rows.batch(batch_size, drop_remainder=True)
+
+
+def restore_iterator(iterator: grain.DatasetIterator, state: dict) -> None:
+  """Puts a fresh iterator at a checkpointed position; a state saved by a different pipeline is an error."""
+  try:
+    iterator.set_state(state)
+  except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    raise DataError(f"the checkpoint's data position does not fit this data pipeline ({type(e).__name__}: "
+                    f"{str(e)[:120]}); resume with the data config it was saved with (sources, packing, "
+                    "num_shards, prefetch) or start in a fresh --workdir.") from e
 
 
 def take_batches(dataset: grain.IterDataset, num_batches: int) -> list[dict[str, np.ndarray]]:

@@ -215,7 +215,9 @@ class SavedDataset(Sequence):
   def __len__(self) -> int:
     return len(self._column)
 
-  def __getitem__(self, index: int) -> str:
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
     value = self._column[int(index)][self._field][0].as_py()
     return value if isinstance(value, str) else ""
 
@@ -231,7 +233,7 @@ def _capped(docs: Iterator[str], max_chars: int) -> list[str]:
 
 
 def load_documents(data_cfg: Any, stats: DataStats | None = None, path: str | None = None) -> Sequence[str]:
-  """All documents of a memory source (`data.source`, at `path` or `data.path`), in a fixed order."""
+  """All documents of the source (`data.source`, at `path` or `data.path`), in a fixed order."""
   stats = stats if stats is not None else DataStats(data_cfg.get("on_bad_record", "skip"))
   source, max_chars = data_cfg.source, data_cfg.get("max_chars", 0)
   path = data_cfg.get("path", "") if path is None else path
@@ -246,6 +248,11 @@ def load_documents(data_cfg: Any, stats: DataStats | None = None, path: str | No
     docs = _capped(parquet_documents(path, field, stats), max_chars)
   elif source == "hf_disk":
     docs = SavedDataset(path, field, data_cfg.get("hf_split", "train"))
+  elif source == "hf" or data_cfg.get("streaming", False):
+    from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
+    # One pass in file order (e.g. to fit a tokenizer): cap it with data.max_chars for a big stream.
+    docs = _capped(iter(StreamDataset(spec_from_config(data_cfg, path), stats, seed=0, shuffle_files=False,
+                                      repeat=False)), max_chars)
   else:
     raise DataError(f"data.source={source!r} is not known; use stdlib, text, jsonl, parquet, hf_disk "
                     "or hf (streaming).")
