@@ -6,7 +6,7 @@ parameter for weights, gradients and Adam) would not.
   python -m jaxllm.convert from-hf PATH/gpt2 runs/gpt2
   python -m jaxllm.train --config configs/prompt_tuning_gpt2.py --workdir runs/gpt2-pt \
     --config.data.path=alpaca_data.json
-  python -m jaxllm.convert_peft to-peft --run runs/gpt2-pt --out runs/gpt2-pt-adapter --base-model gpt2
+  python -m jaxllm.convert to-peft --run runs/gpt2-pt --out runs/gpt2-pt-adapter --base-model gpt2
 """
 
 from configs.sft_gpt2 import get_config as sft_config

@@ -4,7 +4,7 @@ Start from the base of configs/sft_tiny_cpu.py (stage 1 there), then:
   python -m jaxllm.train --config configs/prompt_tuning_tiny_cpu.py --workdir runs/pt-tiny \
     --config.init_from=runs/sft-base --config.data.tokenizer=runs/sft-base/tokenizer
 Checkpoints hold only the prompt; export it for Hugging Face PEFT with
-  python -m jaxllm.convert_peft to-peft --run runs/pt-tiny --out runs/pt-tiny-adapter
+  python -m jaxllm.convert to-peft --run runs/pt-tiny --out runs/pt-tiny-adapter
 """
 
 from configs.sft_tiny_cpu import get_config as sft_config

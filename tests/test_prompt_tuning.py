@@ -167,7 +167,7 @@ def test_prompt_run_checkpoints_only_the_prompt_resumes_and_exports_to_peft(tmp_
                                                                              capsys):
   from peft import PeftModel
   from jaxllm import train
-  from jaxllm.convert_peft import main as convert_main
+  from jaxllm.convert.__main__ import main as convert_main
   workdir = os.path.join(tmp_path, "run")
   train.run(prompt_config(tmp_path, base, sft_file), workdir)
   out = capsys.readouterr().out
