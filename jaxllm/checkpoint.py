@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 
 class CheckpointError(RuntimeError):
@@ -132,8 +133,8 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
   state_dir = os.path.join(step_dir, "state")
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
-  restore_target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as checkpointer:
+    restore_target = _split_like_stored(abstract_params, _stored_tree(checkpointer, state_dir))
     try:
       restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=restore_target, restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
@@ -141,7 +142,37 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"init_from={step_dir}: its parameters do not match this model config "
                             f"({str(e).splitlines()[0][:200]}).") from e
-  return restored["params"]
+  flat = traverse_util.flatten_dict(restored.get("frozen") or {})
+  flat.update(traverse_util.flatten_dict(restored["params"]))
+  # partial_restore leaves what the checkpoint lacks as abstract leaves instead of failing.
+  missing = ["/".join(map(str, k)) for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"init_from={step_dir}: the checkpoint has no {', '.join(missing[:3])}"
+                          f"{' ...' if len(missing) > 3 else ''}; it was saved for another model config.")
+  return traverse_util.unflatten_dict(flat)
+
+
+def _stored_tree(checkpointer: ocp.PyTreeCheckpointer, state_dir: str) -> dict:
+  """The stored tree's structure (leaves are metadata), or {} when orbax cannot say."""
+  try:
+    meta = checkpointer.metadata(state_dir)
+  except (ValueError, KeyError, TypeError, OSError):
+    return {}
+  meta = getattr(meta, "item_metadata", meta)
+  meta = getattr(meta, "tree", meta)
+  return dict(meta) if isinstance(meta, dict) or hasattr(meta, "keys") else {}
+
+
+def _split_like_stored(abstract_params: Any, stored: dict) -> dict:
+  """{"params": ...} or, for a run with `train.trainable` (TrainState keeps the frozen part apart),
+  {"params": trainable part, "frozen": frozen part} as the checkpoint stores them."""
+  frozen = stored.get("frozen") or {}
+  if not frozen:
+    return {"params": abstract_params}
+  frozen_paths = set(traverse_util.flatten_dict(dict(frozen)))
+  flat = traverse_util.flatten_dict(abstract_params)
+  return {"params": traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in frozen_paths}),
+          "frozen": traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in frozen_paths})}
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -12,7 +12,8 @@ from jaxllm.models.config import ModelConfig
 def default_config() -> ml_collections.ConfigDict:
   """Every key a recipe may set, with its default. Recipes override what they need."""
   c = ml_collections.ConfigDict()
-  c.task = "causal_lm"        # causal_lm | sft (instruction tuning: docs/sft.md)
+  # causal_lm | sft (instruction tuning: docs/sft.md) | mlm (masked-LM, model.family='bert': docs/bert.md)
+  c.task = "causal_lm"
   c.init_from = ""            # a jaxllm checkpoint/workdir to start from (continued training)
 
   c.model = ml_collections.ConfigDict(dict(
@@ -34,12 +35,15 @@ def default_config() -> ml_collections.ConfigDict:
       hf_config="",           # source=hf: dataset config name
       hf_split="train",       # source=hf / hf_disk: split to read
       sources=ml_collections.ConfigDict(),  # mixture: NAME=dict(source=..., path=..., weight=...); see docs/data.md
-      tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer
+      tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer;
+                              # "char" = one token per character (nanoGPT shakespeare_char)
       tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
       tokenizer_train_chars=0,  # characters of training text to fit that tokenizer on (0 = all; streams: 20M)
       seq_len=1024,
       # concat (join + cut) | document (first-fit rows with segment_ids, positions); for task='sft':
       # document = several examples per row, anything else = one padded example per row
+      # windows = nanoGPT style: the text split by position (val_fraction = its tail), rows at
+      # random offsets (jaxllm/data/windows.py)
       packing="concat",
       pack_bins=128,          # document packing: rows filled at once (more = fuller rows)
       val_fraction=0.05,      # documents held out for evaluation (streams: by a hash of the text)
@@ -76,6 +80,15 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,
       decay_steps=0,          # where the cosine ends; 0 = train.steps
   ))
+
+  # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).
+  c.mlm = ml_collections.ConfigDict(dict(
+      probability=0.15,       # share of non-special tokens chosen for the loss
+      mask_fraction=0.8,      # of the chosen: replaced by [MASK]
+      random_fraction=0.1,    # of the chosen: replaced by a random token (the rest stay as they are)
+      whole_word=False,       # choose whole words (all their ## pieces) instead of single tokens
+      lowercase=True,         # the WordPiece tokenizer trained here lowercases
+      seed=0))                # masking RNG (validation uses seed + 1, fixed across evaluations)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models import GPT, ModelConfig
+from jaxllm.models.gpt import output_head
 from jaxllm.models.layers import KVCache
 from jaxllm.sampling import GenerationError, SamplingConfig, sample
 from jaxllm.sharding import logical_shardings
@@ -33,12 +34,12 @@ __all__ = ["Completion", "DecodeState", "GenerationError", "Generator", "Samplin
            "fit_prompt", "generate"]
 
 PAD_MULTIPLE = 16  # prompts are left-padded to a multiple of this, so few shapes compile
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 class DecodeState(NamedTuple):
   """Everything the decode loop carries; one row per sequence, one slot per cache position."""
-  cache: tuple[KVCache, ...]  # per layer, k and v [batch, max_len, kv_heads, head_dim]
+  cache: tuple[KVCache, ...]  # per layer, k and v [batch, kv_heads, max_len, head_dim]
   tokens: Array               # [batch, max_len] int32: prefix/padding dummies, prompt, output
   key_positions: Array        # [batch, max_len] int32: the position of each slot's token
   key_valid: Array            # [batch, max_len] bool: False for padding slots
@@ -80,6 +81,12 @@ def _constrain(state: DecodeState, mesh: jax.sharding.Mesh | None) -> DecodeStat
   return jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh))
 
 
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> tuple[KVCache, ...]:
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return tuple(KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+               for _ in range(cfg.num_layers))
+
+
 def _append(state: DecodeState, logits: Array, sampling: SamplingConfig) -> DecodeState:
   """Samples the token for slot `index` from `logits` [batch, vocab] and writes it there."""
   token = sample(logits, state.seen, jax.random.fold_in(state.rng, state.index), sampling)
@@ -100,9 +107,7 @@ def prefill(params: Any, prompt: Array, key_positions: Array, key_valid: Array, 
   batch, prompt_len = prompt.shape
   max_len = key_positions.shape[1]
   prefix_len = 0 if prefix_embeddings is None else prefix_embeddings.shape[1]
-  cache_shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  cache = tuple(KVCache(jnp.zeros(cache_shape, cfg.compute_dtype), jnp.zeros(cache_shape, cfg.compute_dtype))
-                for _ in range(cfg.num_layers))
+  cache = init_cache(cfg, batch, max_len)
   logits, cache = GPT(cfg).apply({"params": params}, prompt, cache, jnp.int32(0), key_positions,
                                  key_valid, prefix_embeddings, method=GPT.decode)
   tokens = jnp.zeros((batch, max_len), jnp.int32).at[:, prefix_len:prefix_len + prompt_len].set(prompt)
@@ -121,11 +126,16 @@ def decode_chunk(params: Any, state: DecodeState, num_steps: Array, *, cfg: Mode
   every row is done. num_steps is traced, so any chunk size reuses one compiled program."""
   model = GPT(cfg)
   stop_at = jnp.minimum(state.index + num_steps, state.tokens.shape[1])
+  # Laid out once per call: inside the loop XLA CPU would copy the transposed embedding per step.
+  head = output_head(params, cfg)
+  if mesh is not None:
+    head = jax.lax.with_sharding_constraint(head, logical_shardings(
+        nn.LogicallyPartitioned(jax.ShapeDtypeStruct(head.shape, head.dtype), ("embed", "vocab")), mesh))
 
   def body(s: DecodeState) -> DecodeState:
     last = jax.lax.dynamic_slice_in_dim(s.tokens, s.index - 1, 1, axis=1)  # [batch, 1]
     logits, cache = model.apply({"params": params}, last, s.cache, s.index - 1, s.key_positions,
-                                s.key_valid, method=GPT.decode)
+                                s.key_valid, None, head, method=GPT.decode)
     return _constrain(_append(s._replace(cache=cache), logits, sampling), mesh)
 
   return jax.lax.while_loop(lambda s: (s.index < stop_at) & ~jnp.all(s.done), body, state)
@@ -227,7 +237,7 @@ class Generator:
     tracker = _StopTracker(len(prompts), stop, detokenize, on_text, sampling.eos_id)
     while True:
       # One transfer of the whole (small) token buffer; slicing on device would compile per index.
-      index, tokens, done = jax.device_get((state.index, state.tokens, state.done))
+      index, tokens, done = _fetch((state.index, state.tokens, state.done))
       newly_stopped = tracker.update(tokens[:, first:index], full=index - first >= sampling.max_new_tokens)
       if tracker.all_finished():
         break
@@ -236,6 +246,14 @@ class Generator:
       state = decode_chunk(self.params, state, np.int32(chunk), cfg=self.cfg, sampling=program,
                            mesh=self.mesh)
     return tracker.completions()
+
+
+def _fetch(tree: Any) -> Any:
+  """Global arrays to host numpy; across hosts every process gathers the whole batch."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 class _StopTracker:

@@ -15,6 +15,7 @@ hears the signal on any process and agrees on the step with all of them.
 from __future__ import annotations
 
 import signal
+import threading
 from typing import Any
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry later". Distinct from 0 (done),
@@ -47,7 +48,9 @@ class Watcher:
 
   def __enter__(self) -> "Watcher":
     self._multiprocess = _multiprocess()
-    if not self._multiprocess:
+    # Python only lets the main thread install handlers; elsewhere (a library caller's
+    # thread) the process's own SIGTERM handling stays as it is.
+    if not self._multiprocess and threading.current_thread() is threading.main_thread():
       for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self

@@ -42,13 +42,24 @@ def lm_apply_fn(model: nn.Module):
   return apply_fn
 
 
+def encoder_apply_fn(model: nn.Module):
+  """The BERT forward (bidirectional; segment_ids mark padding, token_types optional)."""
+  def apply_fn(params, batch: Batch, rng: jax.Array, deterministic: bool) -> jax.Array:
+    return model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                       segment_ids=batch.get("segment_ids"), token_types=batch.get("token_types"),
+                       deterministic=deterministic, rngs={"dropout": rng})
+  return apply_fn
+
+
 def dummy_inputs(seq_len: int) -> jax.Array:
   return jnp.zeros((1, seq_len), jnp.int32)
 
 
 def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
-               apply_fn_factory=lm_apply_fn) -> Setup:
+               apply_fn_factory=None) -> Setup:
   model = build_model(model_cfg)
+  if apply_fn_factory is None:
+    apply_fn_factory = encoder_apply_fn if model_cfg.family == "bert" else lm_apply_fn
   optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
   optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)

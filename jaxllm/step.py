@@ -96,4 +96,7 @@ def eval_step(state: TrainState, batch: Batch, *, apply_fn: ApplyFn) -> dict[str
   """Summed loss and weight over `batch`; the caller divides after summing over batches."""
   logits = apply_fn(merge_params(state.params, state.frozen), batch, jax.random.key(0), True)
   loss_sum, weight_sum = cross_entropy(logits, batch["targets"], batch["weights"])
-  return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+  # Weighted count of positions whose most likely token is the target (masked-token accuracy for MLM).
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  correct_sum = jnp.sum(correct * batch["weights"].astype(jnp.float32))
+  return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct_sum}

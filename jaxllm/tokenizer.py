@@ -11,6 +11,7 @@ and writes a directory that `AutoTokenizer.from_pretrained` and `data.tokenizer`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 import time
 from typing import Any, Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
@@ -81,6 +82,24 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
   return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
                                  sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def train_char(texts: Iterable[str], eos_token: str = EOS_TOKEN) -> PreTrainedTokenizerFast:
+  """A character-level tokenizer (nanoGPT's shakespeare_char): one token per character seen.
+
+  Characters get ids 0..n-1 in sorted order (nanoGPT's numbering); EOS comes last.
+  Unseen characters map to EOS.
+  """
+  chars = sorted(set().union(*(set(t) for t in texts)))
+  vocab = {ch: i for i, ch in enumerate(chars)}
+  vocab[eos_token] = len(vocab)
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=eos_token))
+  # [\s\S] matches any character, newlines included: every character is its own word.
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens([eos_token])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, unk_token=eos_token,
+                                 pad_token=eos_token)
 
 
 def pad_vocab(tokenizer: PreTrainedTokenizerFast, size: int, kind: str) -> int:
@@ -167,26 +186,35 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--max-chars", type=int, default=0, help="read at most about this many characters (0 = all)")
 
 
+STREAM_DEFAULT_CHARS = 20_000_000  # a stream has no end: read this much unless capped
+
+
 def documents_from_args(args: argparse.Namespace) -> list[str]:
-  """Documents of the source the arguments describe, through `load_documents`, capped."""
+  """Documents of the source the arguments describe, read as the input pipeline reads them
+  (`load_documents`, or the `datasets` stream for source='hf' / --data streaming=true), capped."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataError, load_documents  # pylint: disable=import-outside-toplevel
-  data = default_config().data
+  from jaxllm.data.sources import DataError, DataStats, load_documents  # pylint: disable=import-outside-toplevel
   values = dict(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
                 max_chars=args.max_chars)
   for item in args.data:
     key, sep, value = item.partition("=")
     if not sep:
-      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data split=train.")
+      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data hf_split=train.")
     values[key] = _parse_value(value)
-  cfg = ml_collections.ConfigDict(dict(data.to_dict(), **values))
-  docs = load_documents(cfg)
+  cfg = ml_collections.ConfigDict(dict(default_config().data.to_dict(), **values))
+  if cfg.source == "hf" or cfg.get("streaming"):
+    from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
+    stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.get("on_bad_record", "skip")), seed=0,
+                           shuffle_files=False, repeat=False)
+    docs = iter(stream)
+    max_chars = args.max_chars or STREAM_DEFAULT_CHARS
+  else:
+    docs = load_documents(cfg)
+    max_chars = args.max_chars
   if args.max_docs:
-    docs = docs[:args.max_docs]
-  if args.max_chars:
-    docs = _cap_chars(docs, args.max_chars)
-  return docs
+    docs = itertools.islice(docs, args.max_docs)
+  return _cap_chars(docs, max_chars) if max_chars else list(docs)
 
 
 def _parse_value(value: str) -> Any:
@@ -196,7 +224,7 @@ def _parse_value(value: str) -> Any:
     return value
 
 
-def _cap_chars(docs: list[str], max_chars: int) -> list[str]:
+def _cap_chars(docs: Iterable[str], max_chars: int) -> list[str]:
   kept, total = [], 0
   for doc in docs:
     if total >= max_chars:

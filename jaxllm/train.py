@@ -8,6 +8,7 @@ workdir if there is one, trains, evaluates, checkpoints and logs metrics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -18,11 +19,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, faults, hardware, peft, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, peft, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator
 from jaxllm.data import sft
+from jaxllm.data.mlm import build_mlm_data
 from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
@@ -74,8 +76,10 @@ def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
   sums = jax.device_get(sums)
-  loss = sum(float(s["loss_sum"]) for s in sums) / max(sum(float(s["weight_sum"]) for s in sums), 1.0)
-  return {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+  weight = max(sum(float(s["weight_sum"]) for s in sums), 1.0)
+  loss = sum(float(s["loss_sum"]) for s in sums) / weight
+  accuracy = sum(float(s["correct_sum"]) for s in sums) / weight
+  return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_accuracy": accuracy}
 
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
@@ -101,8 +105,12 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
   return changed
 
 
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains as configured; returns the last logged metrics."""
+def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) -> dict[str, float]:
+  """Trains as configured; returns the last logged metrics.
+
+  `watcher` (already entered) lets the caller listen for preemption from before setup;
+  without one, run listens from the first step on.
+  """
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
@@ -111,8 +119,11 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+  lm_data = None
   if sft_data is not None:
     tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+  elif config.task == "mlm":
+    tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
   else:
     lm_data = build_lm_data(config, workdir)
     tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
@@ -153,7 +164,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     writer.text(peft.parameter_report(setup) + "; " + memory_report(config, model_cfg, mesh, setup, jit_train))
   if sft_data is not None:
     writer.text(sft_data.summary)
-  else:
+  elif lm_data is not None:
     writer.text(f"data: {lm_data.summary()}")
 
   pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
@@ -161,7 +172,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   last: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   step, preempted = start_step, False
-  with preemption.Watcher() as watcher:
+  with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
     try:
       while step < total_steps and not preempted:
         local_batch = next(train_iter)
@@ -204,13 +215,14 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       manager.close()
       if hasattr(train_iter, "close"):
         train_iter.close()  # stops the prefetch thread
-      if sft_data is None:
+      if lm_data is not None:
         writer.text(f"data read (this run): {lm_data.summary()}")
       writer.close()
   if preempted:
     raise preemption.Preempted(step)
 
-  if config.train.sample_prompt:  # every process runs the sharded decode; process 0 prints
+  # every process runs the sharded decode; process 0 prints. A masked-LM has fill_mask instead.
+  if config.train.sample_prompt and config.task != "mlm":
     prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
     if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
       prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
@@ -231,7 +243,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
   config = flags.FLAGS.config
   try:
-    run(config, flags.FLAGS.workdir)
+    distributed.initialize()  # a no-op unless the environment describes a multi-process job
+    # Listen from the start: a SIGTERM during setup still ends in a checkpoint and exit 75.
+    with preemption.Watcher() as watcher:
+      run(config, flags.FLAGS.workdir, watcher)
   except USER_ERRORS as e:
     fail(str(e))
   except faults.NonFiniteError as e:

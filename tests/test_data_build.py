@@ -1,5 +1,6 @@
 """From config to data (mixtures of files and streams, validation splits), and exact resume through train.run."""
 
+import re
 import shutil
 
 import numpy as np
@@ -35,6 +36,17 @@ def test_stream_validation_split_is_disjoint_from_training(tmp_path):
   it = iter(source.train()(0, 1))
   train = {next(it) for _ in range(200 - len(val))}
   assert 20 <= len(val) <= 60 and not val & train and len(val | train) == 200
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("data.packing", "best", "data.packing='best'; use one of"),
+    ("data.pack_bins", 0, "data.pack_bins=0 must be at least 1"),
+    ("data.num_shards", 3, "data.num_shards=3 must be a multiple of the 1 processes and divide train.batch_size=8"),
+])
+def test_bad_data_config_is_one_clear_line(tmp_path, key, value, message):
+  from jaxllm.config import ConfigError
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    build_lm_data(make_tiny_config(tmp_path, **{key: value}), str(tmp_path / "work"))
 
 
 def test_validation_shorter_than_a_batch_is_a_clear_error(tmp_path):

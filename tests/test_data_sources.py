@@ -102,6 +102,11 @@ def test_stream_source_yielding_nothing_is_an_error_not_a_hang(tmp_path):
   spec = spec_from_config(data_cfg(source="jsonl", path=path, streaming=True))
   with pytest.raises(DataError, match="yielded no documents.*no field 'text'"):
     next(iter(StreamDataset(spec, DataStats(), seed=0)))
+  path = write(tmp_path / "b.jsonl", '{"text": "x"}\n')
+  spec = spec_from_config(data_cfg(source="jsonl", path=path, streaming=True))
+  split = "train" if is_validation("x", 0.5) else "val"  # the only document belongs to the other split
+  with pytest.raises(DataError, match="yielded no documents.*left to the"):
+    next(iter(StreamDataset(spec, DataStats(), seed=0, split=split, val_fraction=0.5)))
 
 
 def test_stream_record_that_cannot_be_decoded_names_file_and_record(tmp_path):
@@ -138,3 +143,17 @@ def test_a_stream_can_be_read_as_a_list(tmp_path):
   path = write(tmp_path / "a.jsonl", "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
   assert list(load_documents(data_cfg(source="hf", hf_name="json", path=path))) == [f"doc {i}" for i in range(5)]
   assert list(load_documents(data_cfg(source="jsonl", streaming=True, path=path, max_chars=10))) == ["doc 0", "doc 1"]
+
+
+def test_text_and_parquet_files_stream_like_they_load(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  write(tmp_path / "t" / "a.txt", "first doc\nline two\n")
+  write(tmp_path / "t" / "b.txt", "second doc\n")
+  pq.write_table(pa.table({"body": ["p1", "p2"]}), str(tmp_path / "x.parquet"))
+  for kw in (dict(source="text", path=str(tmp_path / "t")),
+             dict(source="text", path=str(tmp_path / "t"), text_unit="line"),
+             dict(source="parquet", path=str(tmp_path / "x.parquet"), field="body")):
+    loaded = list(load_documents(data_cfg(**kw)))
+    streamed = list(load_documents(data_cfg(streaming=True, **kw)))
+    assert [d.strip() for d in streamed] == [d.strip() for d in loaded] and loaded

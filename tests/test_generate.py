@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.generate import Generator, SamplingConfig, layout
+from jaxllm.generate import Generator, SamplingConfig, init_cache, layout
 from jaxllm.models import GPT, ModelConfig
-from jaxllm.models.layers import KVCache
 from jaxllm.sampling import GenerationError, sample
 
 POSITIONS = {
@@ -47,8 +46,7 @@ def test_cached_logits_match_full_forward(name):
   steps = 6
   continuation = rng.integers(0, 64, (2, steps)).astype(np.int32)
   prompt, key_positions, key_valid = layout(prompts, 0, steps)
-  shape = (2, key_positions.shape[1], cfg.num_kv_heads, cfg.head_dim)
-  cache = tuple(KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers))
+  cache = init_cache(cfg, 2, key_positions.shape[1])
   decode = jax.jit(lambda tokens, cache, index: model.apply(
       {"params": params}, tokens, cache, index, key_positions, key_valid, method=GPT.decode))
   cached = []
@@ -76,8 +74,7 @@ def test_prefix_embeddings_act_as_prompt_tokens():
   head, tail = [3, 9, 27], [5, 1]
   prefix = params["embed"]["embedding"][jnp.asarray(head)][None]
   prompt, key_positions, key_valid = layout([tail], 3, 1)
-  shape = (1, key_positions.shape[1], cfg.num_kv_heads, cfg.head_dim)
-  cache = tuple(KVCache(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers))
+  cache = init_cache(cfg, 1, key_positions.shape[1])
   logits, _ = jax.jit(lambda *a: model.apply({"params": params}, *a, method=GPT.decode))(
       prompt, cache, jnp.int32(0), key_positions, key_valid, prefix)
   full = jax.jit(lambda tokens: model.apply({"params": params}, tokens))(np.asarray([head + tail]))[0, -1]

@@ -14,6 +14,7 @@ _MODULES = {
     "GPT2LMHeadModel": "jaxllm.convert.gpt2",
     "LlamaForCausalLM": "jaxllm.convert.llama",
     "BloomForCausalLM": "jaxllm.convert.bloom",
+    "BertForMaskedLM": "jaxllm.convert.bert",
 }
 
 

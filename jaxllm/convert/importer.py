@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from jaxllm import checkpoint
 from jaxllm.config import default_config
-from jaxllm.convert import get_architecture
+from jaxllm.convert import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.source import TensorSource
 from jaxllm.models import ModelConfig, build_model
@@ -45,6 +45,8 @@ def read_hf_config(hf_dir: str):
 
 def architecture_of(hf_cfg: Any) -> Architecture:
   names = getattr(hf_cfg, "architectures", None) or []
+  if not names:  # some configs omit it; the model_type then names the causal-LM class
+    names = [a.name for a in architectures().values() if a.model_type == hf_cfg.model_type][:1]
   if len(names) != 1:
     raise ConvertError(f"config.json lists architectures={names}; expected exactly one, e.g. "
                        "['LlamaForCausalLM'].")
@@ -104,13 +106,18 @@ def _resolve_names(source: TensorSource, arch: Architecture, rules, tied: bool) 
   return resolved
 
 
-def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
-                   mesh: jax.sharding.Mesh) -> dict:
-  """The jaxllm params tree, each leaf a global array laid out with its logical sharding."""
+def target_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
+  """({path: ShapeDtypeStruct}, {path: NamedSharding}) of the model's parameters; nothing allocated."""
   model = build_model(model_cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   shardings = traverse_util.flatten_dict(logical_shardings(boxed, mesh), sep="/")
-  abstract = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
+  return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), shardings
+
+
+def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
+                   mesh: jax.sharding.Mesh, layout: tuple[dict, dict] | None = None) -> dict:
+  """The jaxllm params tree, each leaf a global array laid out with its logical sharding."""
+  abstract, shardings = layout or target_layout(model_cfg, mesh)
   rules = arch.rules(model_cfg)
   covered = [p for rule in rules for p in rule.params]
   if sorted(covered) != sorted(abstract):  # a mapping bug, not a user error; say so plainly

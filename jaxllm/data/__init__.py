@@ -1,1 +1,1 @@
-"""Input pipeline: sources of documents, tokenizing, packing, batching per host."""
+"""Input pipeline: sources of documents, tokenizing, packing, batching per host (docs/data.md)."""

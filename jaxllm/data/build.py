@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -20,7 +20,7 @@ from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
 from jaxllm.data.sources import DataError, DataStats, load_documents, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
-from jaxllm.tokenizer import load_tokenizer, train_bpe
+from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char
 
 SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
                "hf_split", "val_path", "val_fraction")
@@ -130,12 +130,14 @@ class _Source:
     return docs
 
 
-def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
+def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Callable[[], Sequence[str]]):
   """Loads data.tokenizer, else the workdir's, else init_from's (a converted HF model brings its
-  own), else trains a byte-level BPE on the training documents (once per workdir)."""
+  own), else trains a byte-level BPE on the training documents (once per workdir);
+  data.tokenizer='char' builds a character vocabulary instead. `train_docs` may be a function,
+  called only when a tokenizer is trained (reading a stream costs time)."""
   tok_dir = os.path.join(workdir, "tokenizer")
   init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
-  if config.data.tokenizer:
+  if config.data.tokenizer and config.data.tokenizer != "char":
     tokenizer = load_tokenizer(config.data.tokenizer)
   else:
     if os.path.isdir(tok_dir):
@@ -146,9 +148,12 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str]):
         tokenizer.save_pretrained(tok_dir)
     else:
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
-      tokenizer = train_bpe(train_docs, vocab)
+      docs = train_docs() if callable(train_docs) else train_docs
+      tokenizer = train_char(docs) if config.data.tokenizer == "char" else train_bpe(docs, vocab)
       if jax.process_index() == 0:
-        tokenizer.save_pretrained(tok_dir)
+        # Written aside and renamed: other processes never load half a tokenizer directory.
+        tokenizer.save_pretrained(f"{tok_dir}.tmp")
+        os.replace(f"{tok_dir}.tmp", tok_dir)
   if len(tokenizer) > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
                       f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
@@ -166,16 +171,28 @@ def num_data_shards(config: Any) -> int:
   return num_shards
 
 
+def check_data_config(data: Any) -> None:
+  """The pipeline's own keys, checked before any file is read."""
+  if data.get("packing", "concat") not in PACKING_MODES:
+    raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
+  for key, low in (("seq_len", 1), ("pack_bins", 1), ("tokenize_batch", 1), ("shuffle_buffer", 0),
+                   ("prefetch", 0), ("num_shards", 0)):
+    if data.get(key, low) < low:
+      raise ConfigError(f"data.{key}={data.get(key)} must be at least {low}.")
+
+
 def build_lm_data(config: Any, workdir: str) -> LMData:
   """The tokenizer, this host's endless training batches and the fixed validation batches."""
   data = config.data
-  if data.get("packing", "concat") not in PACKING_MODES:
-    raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
+  if data.get("packing") == "windows":  # nanoGPT-style: split by position, random windows (data/windows.py)
+    from jaxllm.data.windows import window_data  # pylint: disable=import-outside-toplevel
+    return LMData(*window_data(config, workdir, prepare_tokenizer))
+  check_data_config(data)
   configs = source_configs(data)
   sources = {name: _Source(cfg, data.seed + 7919 * i, data.get("shuffle_buffer", 10_000))
              for i, (name, cfg) in enumerate(configs.items())}
   weights = {name: float(cfg.get("weight", 1.0) or 1.0) for name, cfg in configs.items()}
-  sample = [doc for s in sources.values() for doc in s.sample(data.get("tokenizer_train_chars", 0))]
+  sample = lambda: [doc for s in sources.values() for doc in s.sample(data.get("tokenizer_train_chars", 0))]  # noqa: E731
   tokenizer = prepare_tokenizer(config, workdir, sample)
   spec = PackSpec(tokenizer, tokenizer.eos_token_id, data.seq_len, data.get("packing", "concat"),
                   data.get("pack_bins", 128), data.get("tokenize_batch", 128), data.seed)

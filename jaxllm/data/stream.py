@@ -147,9 +147,10 @@ class _StreamIterator(grain.DatasetIterator):
       doc = record_text(record, self._ds.spec.field, where, self._ds.stats)
       if doc is None:
         continue
-      self._docs_this_epoch += 1
       if self._ds.split != "all" and is_validation(doc, self._ds.val_fraction) != (self._ds.split == "val"):
+        self._ds.stats.counts[f"left to the {'train' if self._ds.split == 'val' else 'val'} split"] += 1
         continue
+      self._docs_this_epoch += 1  # only documents handed out: an epoch of none would loop forever
       self._ds.stats.counts["documents"] += 1
       return doc
 

@@ -131,8 +131,8 @@ class GPT(nn.Module):
     return self.logits(x[:, num_virtual:])  # virtual positions predict nothing and get no loss
 
   def decode(self, tokens: Array, cache: tuple[KVCache, ...], cache_index: Array,
-             key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None
-             ) -> tuple[Array, tuple[KVCache, ...]]:
+             key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,
+             head: Array | None = None) -> tuple[Array, tuple[KVCache, ...]]:
     """Runs `tokens` against a preallocated KV cache (prefill: the whole prompt; then one token).
 
     tokens [batch, q_len] fill cache slots cache_index .. cache_index + q_len - 1 (after
@@ -140,7 +140,9 @@ class GPT(nn.Module):
     key_positions [batch, max_len] is the position of the token in each slot and key_valid
     [batch, max_len] is False for padding slots; a query sees valid slots up to its own.
     Returns the float32 logits of the last slot [batch, vocab] and the updated cache.
-    Build the model with remat="none" to call this (decoding keeps no activations).
+    head [d_model, vocab], if given, is the output projection laid out for this matmul
+    (`output_head`): a decode loop passes it so that XLA does not transpose the tied
+    embedding again at every step. Build the model with remat="none" to call this.
     """
     cfg = self.cfg
     q_len = tokens.shape[1] + (0 if prefix_embeddings is None else prefix_embeddings.shape[1])
@@ -155,4 +157,15 @@ class GPT(nn.Module):
     for layer, layer_cache in zip(self.layers, cache):
       x, layer_cache = layer(x, positions, mask, bias, True, layer_cache, cache_index)
       new_cache.append(layer_cache)
-    return self.logits(x[:, -1:])[:, 0], tuple(new_cache)
+    x = x[:, -1]
+    if head is None:
+      return self.logits(x), tuple(new_cache)
+    x = self.final_norm(x).astype(cfg.compute_dtype)
+    return jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32), tuple(new_cache)
+
+
+def output_head(params: dict, cfg: ModelConfig) -> Array:
+  """The output projection [d_model, vocab]: the tied embedding transposed, or lm_head's kernel."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]

@@ -94,18 +94,37 @@ def attention_mask(q_len: int, segment_ids: Array | None = None, prefix_len: Arr
 
 
 class KVCache(NamedTuple):
-  """One layer's preallocated keys and values, each [batch, max_len, kv_heads, head_dim]."""
+  """One layer's preallocated keys and values, each [batch, kv_heads, max_len, head_dim]
+  (kv heads before slots: the value matmul reads this layout directly, where XLA CPU copies
+  a transposed [batch, max_len, kv_heads, head_dim] cache at every decode step)."""
   k: Array
   v: Array
+
+
+def cached_attention(q: Array, cache: KVCache, mask: Array, bias: Array | None) -> Array:
+  """q [batch, q_len, heads, head_dim] attends over every cache slot allowed by mask
+  [batch, 1, q_len, max_len]; bias [batch, heads, q_len, max_len] or None. Softmax in float32;
+  query head n uses kv head n // (heads / kv_heads), as in grouped-query attention."""
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads, max_len = cache.k.shape[1], cache.k.shape[2]
+  q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  scores = jnp.einsum("btkgh,bksh->bkgts", q, cache.k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+  if bias is not None:
+    scores = scores + bias.reshape(batch, num_kv_heads, -1, q_len, max_len)
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bksh->btkgh", probs, cache.v.astype(q.dtype))
+  return out.reshape(batch, q_len, num_heads, head_dim)
 
 
 class Attention(nn.Module):
   """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
 
   With `cache` (decoding), the new keys/values are written into the cache at slot
-  `cache_index` and the queries attend over every cache slot; `mask` then has shape
-  [batch, 1, q_len, max_len] and says which slots each query may see. Returns
-  (out, new_cache) in that case, else out.
+  `cache_index` and the queries attend over every cache slot (`cached_attention`); `mask`
+  then has shape [batch, 1, q_len, max_len] and says which slots each query may see.
+  Returns (out, new_cache) in that case, else out.
   """
   cfg: ModelConfig
   causal: bool = True
@@ -127,13 +146,13 @@ class Attention(nn.Module):
       q = rotary_embedding(q, positions, cfg.rope_theta)
       k = rotary_embedding(k, positions, cfg.rope_theta)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                      jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
-      k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias,
-                                causal=self.causal and mask is None and cache is None,
-                                impl=cfg.attention_impl)
+      write = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
+          buf, new.swapaxes(1, 2).astype(buf.dtype), (0, 0, cache_index, 0))
+      cache = KVCache(write(cache.k, k), write(cache.v, v))
+      out = cached_attention(q, cache, mask, bias)
+    else:
+      out = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=self.causal and mask is None,
+                                  impl=cfg.attention_impl)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = nn.DenseGeneral(

@@ -1,0 +1,101 @@
+"""BertForMaskedLM <-> jaxllm: logits equal transformers (token types and padding included), export
+gives back every tensor, fill-mask on a converted model ranks as transformers does, clear refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxllm.checkpoint import load_model_dir  # noqa: E402
+from jaxllm.convert import ConvertError, from_hf, to_hf  # noqa: E402
+from jaxllm.models import build_model  # noqa: E402
+from jaxllm.tokenizer import train_tokenizer  # noqa: E402
+from tests.test_tokenizer import prose_documents  # noqa: E402
+
+VOCAB = 384
+
+
+def tiny_bert_config(**kw):
+  # Awkward sizes on purpose: 3 heads of 12, an MLP of 52, 3 token types.
+  return transformers.BertConfig(**dict(dict(
+      vocab_size=VOCAB, hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=52,
+      max_position_embeddings=40, type_vocab_size=3, hidden_act="gelu", layer_norm_eps=1e-12,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), **kw))
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  """(HF model, HF dir, jaxllm dir, ModelConfig, params, tokenizer); every weight random."""
+  root = tmp_path_factory.mktemp("bert_convert")
+  torch.manual_seed(0)
+  model = transformers.BertForMaskedLM(tiny_bert_config()).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = p.ndim == 1 and name.endswith("weight")
+      p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+  tokenizer = train_tokenizer(prose_documents(30_000), "wordpiece", VOCAB)
+  hf_dir, jx_dir = str(root / "hf"), str(root / "jaxllm")
+  model.save_pretrained(hf_dir)
+  tokenizer.save_pretrained(hf_dir)
+  from_hf(hf_dir, jx_dir)
+  model_cfg, params, loaded_tokenizer = load_model_dir(jx_dir)
+  return model, hf_dir, jx_dir, model_cfg, params, loaded_tokenizer
+
+
+def test_logits_equal_transformers_with_token_types_and_padding(converted):
+  model, _, _, model_cfg, params, _ = converted
+  assert model_cfg.family == "bert" and model_cfg.type_vocab_size == 3 and model_cfg.activation == "gelu"
+  rng = np.random.RandomState(1)
+  ids, types = rng.randint(0, VOCAB, (2, 23)), rng.randint(0, 3, (2, 23))
+  real = np.ones((2, 23), np.int64)
+  real[1, 17:] = 0   # the second row ends in padding
+  ours = jax.jit(build_model(model_cfg).apply)({"params": params}, jnp.asarray(ids),
+                                               segment_ids=jnp.asarray(real), token_types=jnp.asarray(types))
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
+                   attention_mask=torch.tensor(real)).logits.numpy()
+  ours = np.asarray(ours)
+  assert ours.shape == theirs.shape == (2, 23, VOCAB)
+  keep = real.astype(bool)  # padded positions' own outputs are unused (HF and jaxllm differ there)
+  err = np.max(np.abs(ours[keep] - theirs[keep])) / np.max(np.abs(theirs[keep]))
+  assert err < 1e-4, err
+
+
+def test_export_gives_back_every_tensor_and_loads_in_transformers(converted, tmp_path):
+  model, _, jx_dir, _, _, _ = converted
+  out = str(tmp_path / "exported")
+  arch = to_hf(jx_dir, out)
+  assert arch.name == "BertForMaskedLM"
+  reloaded = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  original, exported = model.state_dict(), reloaded.state_dict()
+  for name, tensor in original.items():
+    np.testing.assert_array_equal(exported[name].numpy(), tensor.numpy(), err_msg=name)
+
+
+def test_fill_mask_on_a_converted_model_ranks_as_transformers(converted, capsys):
+  from jaxllm import fill_mask  # pylint: disable=import-outside-toplevel
+  model, _, jx_dir, _, _, tokenizer = converted
+  text = "The river [MASK] through the city."
+  fill_mask.main(["--checkpoint", jx_dir, "--top-k", "4", text])
+  fields = capsys.readouterr().out.strip().splitlines()[1].split(":", 1)[1].split()
+  ids = tokenizer(text, return_tensors="pt")
+  with torch.no_grad():
+    logits = model(**ids).logits[0]
+  position = ids["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+  probs = torch.softmax(logits[position], -1)
+  top = torch.topk(probs, 4)
+  assert fields[0::2] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
+  np.testing.assert_allclose([float(p) for p in fields[1::2]], top.values.numpy(), atol=1e-3)
+
+
+def test_unsupported_bert_variants_are_refused_in_one_line(tmp_path):
+  model = transformers.BertForMaskedLM(tiny_bert_config(position_embedding_type="relative_key"))
+  model.save_pretrained(str(tmp_path / "hf"))
+  with pytest.raises(ConvertError, match="position_embedding_type='relative_key' is not supported") as e:
+    from_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
+  assert "\n" not in str(e.value)
