@@ -210,7 +210,7 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
     # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
     from jaxllm.peft import read_prompt_tuned  # pylint: disable=import-outside-toplevel
-    model_cfg, params = read_prompt_tuned(path, run_config)
+    model_cfg, params = read_prompt_tuned(path, run_config, shardings)
     tokenizer = None
     for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),
                     os.path.join(run_config["init_from"], "tokenizer")):

@@ -137,17 +137,21 @@ def parameter_report(setup: Any) -> str:
 
 # ------------------------------------------------------------------ loading a tuned model
 
-def read_prompt_tuned(path: str, run_config: dict) -> tuple[ModelConfig, Any]:
-  """(ModelConfig, full params on host) of a run whose checkpoint holds only the trainable
-  part: the rest comes from the base model directory named by its `init_from`."""
+def read_prompt_tuned(path: str, run_config: dict, shardings: Any = None) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, full params) of a run whose checkpoint holds only the trainable part: the
+  rest comes from the base model directory named by its `init_from`. Params are on the host
+  unless `shardings` (boxed abstract params -> shardings tree) places them."""
   model_cfg = ModelConfig.from_config(run_config["model"])
   from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   model = build_model(model_cfg)
-  abstract = nn.meta.unbox(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  abstract = nn.meta.unbox(boxed)
+  if shardings is not None:
+    abstract = checkpoint.abstract_with_shardings(abstract, shardings(boxed))
+  else:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
   trainable_abs, frozen_abs = optim.partition_params(abstract, run_config["train"]["trainable"])
   base = run_config["init_from"]
   frozen = _base_params(base, frozen_abs)
