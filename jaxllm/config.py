@@ -35,12 +35,15 @@ def default_config() -> ml_collections.ConfigDict:
       hf_config="",           # source=hf: dataset config name
       hf_split="train",       # source=hf / hf_disk: split to read
       sources=ml_collections.ConfigDict(),  # mixture: NAME=dict(source=..., path=..., weight=...); see docs/data.md
-      tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer
+      tokenizer="",           # HF tokenizer dir; empty = train a byte-level BPE into WORKDIR/tokenizer;
+                              # "char" = one token per character (nanoGPT shakespeare_char)
       tokenizer_vocab_size=0,  # for a tokenizer trained here; 0 = model.vocab_size
       tokenizer_train_chars=0,  # characters of training text to fit that tokenizer on (0 = all; streams: 20M)
       seq_len=1024,
       # concat (join + cut) | document (first-fit rows with segment_ids, positions); for task='sft':
       # document = several examples per row, anything else = one padded example per row
+      # windows = nanoGPT style: the text split by position (val_fraction = its tail), rows at
+      # random offsets (jaxllm/data/windows.py)
       packing="concat",
       pack_bins=128,          # document packing: rows filled at once (more = fuller rows)
       val_fraction=0.05,      # documents held out for evaluation (streams: by a hash of the text)

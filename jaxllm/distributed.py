@@ -47,13 +47,14 @@ def initialize(environ: Mapping[str, str] = os.environ) -> bool:
   auto = environ.get(AUTO, "").lower() in ("1", "true", "auto")
   if not coordinator and not auto:
     return False
-  # Collectives between CPU processes need a backend (gloo is the default on newer jax only).
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator:
     num_processes, process_id = _int_env(environ, NUM_PROCESSES), _int_env(environ, PROCESS_ID)
     if not 0 <= process_id < num_processes:
       raise ConfigError(f"{PROCESS_ID}={process_id} must be in 0..{num_processes - 1} "
                         f"({NUM_PROCESSES}={num_processes}).")
+  # Collectives between CPU processes need a backend (gloo is the default on newer jax only).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator:
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
   else:
     jax.distributed.initialize()

@@ -234,7 +234,7 @@ class Generator:
     tracker = _StopTracker(len(prompts), stop, detokenize, on_text, sampling.eos_id)
     while True:
       # One transfer of the whole (small) token buffer; slicing on device would compile per index.
-      index, tokens, done = jax.device_get((state.index, state.tokens, state.done))
+      index, tokens, done = _fetch((state.index, state.tokens, state.done))
       newly_stopped = tracker.update(tokens[:, first:index], full=index - first >= sampling.max_new_tokens)
       if tracker.all_finished():
         break
@@ -243,6 +243,14 @@ class Generator:
       state = decode_chunk(self.params, state, np.int32(chunk), cfg=self.cfg, sampling=program,
                            mesh=self.mesh)
     return tracker.completions()
+
+
+def _fetch(tree: Any) -> Any:
+  """Global arrays to host numpy; across hosts every process gathers the whole batch."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 class _StopTracker:

@@ -31,7 +31,9 @@ class MetricsWriter:
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    _drop_records_after(jsonl_path, initial_step)
+    self._jsonl = open(jsonl_path, "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -77,6 +79,28 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Keeps one timeline in metrics.jsonl: a run resumed from the checkpoint at `step` after a
+  crash logs the later steps again, so the records the crashed run wrote past it go."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [l for l in lines if l.endswith("\n") and 0 <= _step_of(l) <= step]
+  if len(kept) == len(lines):
+    return
+  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(f"{path}.tmp", path)
+
+
+def _step_of(line: str) -> int:
+  try:
+    return int(json.loads(line).get("step", 0))
+  except (ValueError, AttributeError):
+    return -1  # a line cut short by the crash
 
 
 def _to_python(v: Any) -> Any:

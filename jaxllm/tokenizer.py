@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any, Iterable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS_TOKEN = "<|endoftext|>"
@@ -82,6 +82,24 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
   return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]",
                                  sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]",
                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def train_char(texts: Iterable[str], eos_token: str = EOS_TOKEN) -> PreTrainedTokenizerFast:
+  """A character-level tokenizer (nanoGPT's shakespeare_char): one token per character seen.
+
+  Characters get ids 0..n-1 in sorted order (nanoGPT's numbering); EOS comes last.
+  Unseen characters map to EOS.
+  """
+  chars = sorted(set().union(*(set(t) for t in texts)))
+  vocab = {ch: i for i, ch in enumerate(chars)}
+  vocab[eos_token] = len(vocab)
+  tok = Tokenizer(models.WordLevel(vocab, unk_token=eos_token))
+  # [\s\S] matches any character, newlines included: every character is its own word.
+  tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens([eos_token])
+  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, unk_token=eos_token,
+                                 pad_token=eos_token)
 
 
 def pad_vocab(tokenizer: PreTrainedTokenizerFast, size: int, kind: str) -> int:

@@ -311,3 +311,18 @@ def test_bfloat16_checkpoint_round_trip(tmp_path):
   assert sorted(original) == sorted(exported)
   for key, value in original.items():
     assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
+
+
+def test_export_takes_the_runs_data_tokenizer_when_the_dir_has_none(zoo, tmp_path):
+  """A run trained with data.tokenizer=PATH has no tokenizer/ of its own; to-hf ships PATH's."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  _, hf_dir, jx_dir, _, _ = zoo("gpt2")
+  run = tmp_path / "run"
+  shutil.copytree(jx_dir, run)
+  shutil.rmtree(run / "tokenizer")
+  run_config = json.loads((run / "config.json").read_text())
+  run_config["data"]["tokenizer"] = hf_dir
+  (run / "config.json").write_text(json.dumps(run_config))
+  to_hf(str(run), str(tmp_path / "hf"))
+  assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))) == 300

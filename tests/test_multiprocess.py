@@ -15,7 +15,7 @@ import pytest
 
 from jaxllm.preemption import PREEMPTED_EXIT_CODE
 from tests.helpers import make_tiny_config
-from tests.test_reliability import LONG, finish, start_train, train_env, wait_for_step, write_config_file
+from tests.test_reliability import LONG, finish, start_train, train_env, wait_for, write_config_file
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ def test_two_processes_match_one_process_and_stop_together(config_file, tmp_path
   procs = [start_train(config_file, multi, env=train_env(
       devices=2, JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2",
       JAXLLM_PROCESS_ID=str(i))) for i in range(2)]
-  wait_for_step(procs[0], multi, 3)
+  wait_for(procs[0], multi, lambda r: r[-1]["step"] >= 3)
   # Preemption reaches one host first: both must save the same step and exit.
   procs[1].send_signal(signal.SIGTERM)
   results = [finish(p, timeout=300) for p in procs]
@@ -66,3 +66,16 @@ def test_two_processes_match_one_process_and_stop_together(config_file, tmp_path
   assert code == 0, err[-3000:]
   assert "'data': 4" in out
   np.testing.assert_allclose(multi_loss, losses(single), rtol=1e-5)
+
+
+def test_incomplete_or_bad_environment_is_a_config_error():
+  from jaxllm import distributed  # pylint: disable=import-outside-toplevel
+  from jaxllm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  assert distributed.initialize({}) is False  # no job described: one process, nothing touched
+  for env, message in [({"JAXLLM_COORDINATOR": "127.0.0.1:1"}, "JAXLLM_NUM_PROCESSES must be"),
+                       ({"JAXLLM_COORDINATOR": "127.0.0.1:1", "JAXLLM_NUM_PROCESSES": "two",
+                         "JAXLLM_PROCESS_ID": "0"}, "'two' is not an integer"),
+                       ({"JAXLLM_COORDINATOR": "127.0.0.1:1", "JAXLLM_NUM_PROCESSES": "2",
+                         "JAXLLM_PROCESS_ID": "2"}, "must be in 0..1")]:
+    with pytest.raises(ConfigError, match=message):
+      distributed.initialize(env)

@@ -114,11 +114,16 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
     raise ConvertError(f"--max-shard-size={max_shard_size!r} must be positive.")
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"{model_dir}: no such directory; give a jaxllm workdir or converted model directory.")
-  model_cfg = ModelConfig.from_config(checkpoint.read_run_config(model_dir)["model"])
+  run_config = checkpoint.read_run_config(model_dir)
+  model_cfg = ModelConfig.from_config(run_config["model"])
   arch = pick_architecture(model_cfg)
   mesh = mesh or default_mesh()
   model_cfg, params, tokenizer = checkpoint.load_model_dir(
       model_dir, shardings=lambda boxed: logical_shardings(boxed, mesh), step=step)
+  tokenizer_path = run_config.get("data", {}).get("tokenizer", "")
+  if tokenizer is None and tokenizer_path and os.path.isdir(tokenizer_path):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # a run given data.tokenizer keeps none
   flat = traverse_util.flatten_dict(params, sep="/")
   rules = arch.rules(model_cfg)
   extra = sorted(set(flat) - {p for rule in rules for p in rule.params})

@@ -20,7 +20,7 @@ from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
 from jaxllm.data.sources import DataError, DataStats, load_documents, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
-from jaxllm.tokenizer import load_tokenizer, train_bpe
+from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char
 
 SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
                "hf_split", "val_path", "val_fraction")
@@ -132,11 +132,12 @@ class _Source:
 
 def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Callable[[], Sequence[str]]):
   """Loads data.tokenizer, else the workdir's, else init_from's (a converted HF model brings its
-  own), else trains a byte-level BPE on the training documents (once per workdir). `train_docs`
-  may be a function, called only when a tokenizer is trained (reading a stream costs time)."""
+  own), else trains a byte-level BPE on the training documents (once per workdir);
+  data.tokenizer='char' builds a character vocabulary instead. `train_docs` may be a function,
+  called only when a tokenizer is trained (reading a stream costs time)."""
   tok_dir = os.path.join(workdir, "tokenizer")
   init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
-  if config.data.tokenizer:
+  if config.data.tokenizer and config.data.tokenizer != "char":
     tokenizer = load_tokenizer(config.data.tokenizer)
   else:
     if os.path.isdir(tok_dir):
@@ -147,7 +148,8 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Cal
         tokenizer.save_pretrained(tok_dir)
     else:
       vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
-      tokenizer = train_bpe(train_docs() if callable(train_docs) else train_docs, vocab)
+      docs = train_docs() if callable(train_docs) else train_docs
+      tokenizer = train_char(docs) if config.data.tokenizer == "char" else train_bpe(docs, vocab)
       if jax.process_index() == 0:
         # Written aside and renamed: other processes never load half a tokenizer directory.
         tokenizer.save_pretrained(f"{tok_dir}.tmp")
@@ -182,6 +184,9 @@ def check_data_config(data: Any) -> None:
 def build_lm_data(config: Any, workdir: str) -> LMData:
   """The tokenizer, this host's endless training batches and the fixed validation batches."""
   data = config.data
+  if data.get("packing") == "windows":  # nanoGPT-style: split by position, random windows (data/windows.py)
+    from jaxllm.data.windows import window_data  # pylint: disable=import-outside-toplevel
+    return LMData(*window_data(config, workdir, prepare_tokenizer))
   check_data_config(data)
   configs = source_configs(data)
   sources = {name: _Source(cfg, data.seed + 7919 * i, data.get("shuffle_buffer", 10_000))
