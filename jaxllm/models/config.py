@@ -41,6 +41,7 @@ class ModelConfig:
   param_dtype: str = "float32"   # storage dtype of the master weights
   remat: str = "none"            # none | dots | full
   attention_impl: str = "auto"   # auto | xla | cudnn
+  num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
   # BERT only.
   type_vocab_size: int = 2
   use_pooler: bool = False
