@@ -24,7 +24,7 @@ def get_config():
                       d_ff=512, max_seq_len=64, position="learned", norm="layernorm",
                       norm_eps=1e-12, activation="gelu", use_bias=True, tie_embeddings=True,
                       type_vocab_size=2, use_pooler=False)
-  config.train.update(steps=400, batch_size=32, log_every=25, eval_every=50, eval_steps=8,
-                      checkpoint_every=200)
+  config.train.update(steps=800, batch_size=32, log_every=25, eval_every=100, eval_steps=8,
+                      checkpoint_every=400)
   config.optim.update(lr=1e-3, warmup_steps=40, min_lr=1e-4, weight_decay=0.01, b2=0.98, eps=1e-6)
   return config

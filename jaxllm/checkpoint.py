@@ -207,6 +207,18 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jaxllm.models import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
   run_config = read_run_config(path)
+  if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
+    # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
+    from jaxllm.peft import read_prompt_tuned  # pylint: disable=import-outside-toplevel
+    model_cfg, params = read_prompt_tuned(path, run_config, shardings)
+    tokenizer = None
+    for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),
+                    os.path.join(run_config["init_from"], "tokenizer")):
+      if tok_dir and os.path.isdir(tok_dir):
+        from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        break
+    return model_cfg, params, tokenizer
   model_cfg = ModelConfig.from_config(run_config["model"])
   model = build_model(model_cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])

@@ -119,6 +119,19 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
         f"is not divisible by the mesh's data x fsdp = {data * fsdp}; use a multiple of {data * fsdp}.")
   if config.data.seq_len > model_cfg.max_seq_len and model_cfg.position == "learned":
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
+  num_virtual = model_cfg.num_virtual_tokens
+  if num_virtual and config.data.get("packing", "") == "document":
+    raise ConfigError("prompt tuning (model.num_virtual_tokens) cannot be combined with data.packing="
+                      "'document': each example needs the prompt before it; use task='sft' with "
+                      "data.packing='concat' (one padded example per row).")
+  if num_virtual and config.task != "sft":
+    raise ConfigError("prompt tuning (model.num_virtual_tokens) needs task='sft' (one example per "
+                      "row, prompt before each); concatenated pretraining rows cannot carry it.")
+  if num_virtual and model_cfg.position == "learned" and config.data.seq_len + num_virtual > model_cfg.max_seq_len:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} + model.num_virtual_tokens={num_virtual} exceeds "
+                      f"model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len.")
+  if config.train.get("prompt_init_text", "") and not num_virtual:
+    raise ConfigError("train.prompt_init_text is set but model.num_virtual_tokens=0; set it (e.g. 20).")
   faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--tokenizer", default="", help="tokenizer directory (default CHECKPOINT/tokenizer)")
   parser.add_argument("texts", nargs="+", help="text with one or more [MASK] tokens")
   args = parser.parse_args(argv)
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.ERROR)  # orbax notes about checkpoint metadata are not for this output
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
   from jaxllm.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel

@@ -170,8 +170,9 @@ def fit_prompt(prompt_ids: Sequence[int], max_new_tokens: int, cfg: ModelConfig
   prompt_ids = list(prompt_ids)
   if cfg.position != "learned":
     return prompt_ids, max_new_tokens
-  prompt_ids = prompt_ids[-(cfg.max_seq_len - 1):]
-  return prompt_ids, max(1, min(max_new_tokens, cfg.max_seq_len - len(prompt_ids)))
+  max_len = cfg.max_seq_len - cfg.num_virtual_tokens  # a prompt-tuned model's prompt takes positions too
+  prompt_ids = prompt_ids[-(max_len - 1):]
+  return prompt_ids, max(1, min(max_new_tokens, max_len - len(prompt_ids)))
 
 
 class Generator:
@@ -189,6 +190,8 @@ class Generator:
     self.cfg = dataclasses.replace(cfg, remat="none", dropout_rate=0.0)
     self.mesh = mesh
     self.params = params
+    if prefix_embeddings is None and cfg.num_virtual_tokens:  # prompt tuning: the model's own prompt
+      prefix_embeddings = params["prompt"]["embedding"]
     self.prefix_embeddings = None if prefix_embeddings is None else jnp.asarray(prefix_embeddings)
 
   def _check(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig) -> None:

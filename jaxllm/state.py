@@ -73,6 +73,9 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
   abstract_params = nn.meta.unbox(boxed_params)
   trainable_abs, frozen_abs = optim.partition_params(abstract_params, trainable_pattern)
   trainable_sh, frozen_sh = optim.partition_params(param_shardings, trainable_pattern)
+  frozen_dtype = config.train.get("frozen_dtype", "")  # e.g. bfloat16: frozen weights in half the memory
+  if frozen_dtype:
+    frozen_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(frozen_dtype)), frozen_abs)
   abstract_opt = jax.eval_shape(optimizer.init, trainable_abs)
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract_opt, trainable_sh,
@@ -86,6 +89,8 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
     if params is None:
       params = nn.meta.unbox(init_params(rng))
     trainable, frozen = optim.partition_params(params, trainable_pattern)
+    if frozen_dtype:
+      frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable))
 

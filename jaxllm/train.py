@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, distributed, faults, hardware, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, peft, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator
@@ -52,6 +52,27 @@ def compile_steps(setup: Setup, config: Any, mesh):
   return jit_train, jit_eval
 
 
+def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
+  """Compiled per-device memory of this step beside that of full fine-tuning of the same model."""
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  shape = (config.train.batch_size, config.data.seq_len)
+  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") == "document" else ())
+  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
+  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+  state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+  mine = peft.step_memory_bytes(jit_train, state, batch, rng)
+  full_config = config.copy_and_resolve_references()
+  with full_config.unlocked():
+    full_config.train.trainable = ""
+    full_config.train.frozen_dtype = ""
+  full_setup = make_setup(full_config, model_cfg, mesh)
+  full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
+  full = peft.step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)
+  return (f"step memory per device: {mine / 2**20:.1f} MiB (full fine-tuning: {full / 2**20:.1f} MiB, "
+          f"{full / max(mine, 1):.1f}x)")
+
+
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
   sums = jax.device_get(sums)
@@ -63,7 +84,8 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
 # recipe's; every other model key comes from the init_from directory's config.json.
-RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl")
+RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",
+                      "num_virtual_tokens")  # an adapter on the base, not the base's architecture
 
 
 def adopt_init_from_architecture(config: Any) -> list[str]:
@@ -110,19 +132,20 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   setup = make_setup(config, model_cfg, mesh)
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
   abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  restored = checkpoint.restore(manager, abstract)
+  # Fine-tuning part of a model (train.trainable) from init_from: checkpoints hold only what
+  # trains; the frozen rest is re-read from init_from.
+  by_reference = peft.frozen_by_reference(config)
+  restored = checkpoint.restore(manager, abstract.replace(frozen={}) if by_reference else abstract)
   rng = jax.random.key(config.train.seed)
   if restored is not None:
     state, data_state, start_step = restored
+    if by_reference:
+      state = state.replace(frozen=peft.load_frozen(config, setup))
     if data_state:
       restore_iterator(train_iter, data_state)
   else:
-    params = None
-    if config.init_from:
-      params = checkpoint.load_params(
-          config.init_from, checkpoint.abstract_with_shardings(abstract_params_of(setup),
-                                                               param_shardings_of(setup)))
     init_rng = jax.random.fold_in(rng, 1)
+    params = peft.initial_params(config, setup, tokenizer, init_rng)
     state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
     start_step = 0
 
@@ -137,6 +160,8 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
     writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
               f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
+  if config.train.get("trainable", "") and start_step == 0:
+    writer.text(peft.parameter_report(setup) + "; " + memory_report(config, model_cfg, mesh, setup, jit_train))
   if sft_data is not None:
     writer.text(sft_data.summary)
   elif lm_data is not None:
@@ -182,7 +207,8 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
         if fault:
           raise faults.NonFiniteError(fault)
         if save_now:
-          checkpoint.save(manager, step, state, train_iter.get_state(), force=is_last)
+          checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
+                          train_iter.get_state(), force=is_last)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
       checkpoint.wait(manager)

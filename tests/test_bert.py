@@ -44,6 +44,7 @@ def test_attention_is_bidirectional_and_padding_is_isolated():
   tokens = jnp.arange(2, 12)[None]
   params = model.init(jax.random.key(0), tokens)["params"]
   assert "pooler" in params and "mlm_bias" in params and "lm_head" not in params
+  assert sum(x.size for x in jax.tree.leaves(params)) == model.cfg.num_params()
   apply = jax.jit(lambda t, s: model.apply({"params": params}, t, segment_ids=s, method=model.encode))
   full = jnp.ones_like(tokens)
   base = apply(tokens, full)

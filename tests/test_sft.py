@@ -224,3 +224,19 @@ def test_sft_through_the_training_cli(tmp_path, tiny_config):
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] and np.isfinite(last["eval_loss"])
+
+
+def test_records_load_from_json_jsonl_and_a_saved_dataset(tmp_path):
+  import datasets
+  records = make_records(5, seed=9)
+  json_path, jsonl_path = os.path.join(tmp_path, "a.json"), os.path.join(tmp_path, "a.jsonl")
+  with open(json_path, "w", encoding="utf-8") as f:
+    json.dump(records, f)
+  with open(jsonl_path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  disk = os.path.join(tmp_path, "saved")
+  datasets.Dataset.from_list(records).save_to_disk(disk)
+  for path in (json_path, jsonl_path, disk):
+    assert sft.load_records(path) == records
+  with pytest.raises(DataError, match="no such file"):
+    sft.load_records(os.path.join(tmp_path, "missing.json"))

@@ -2,6 +2,8 @@
 
   python -m jaxllm.convert from-hf HF_DIR OUT_DIR [--param-dtype float32] [--overwrite]
   python -m jaxllm.convert to-hf CKPT_DIR HF_DIR [--step N] [--max-shard-size 2GB] [--dtype float32] [--overwrite]
+  python -m jaxllm.convert to-peft --run RUN_DIR --out ADAPTER_DIR     (prompt tuning; see jaxllm/convert_peft.py)
+  python -m jaxllm.convert from-peft --adapter ADAPTER_DIR --base MODEL_DIR --out RUN_DIR
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] in (["to-peft"], ["from-peft"]):  # PEFT adapters (prompt tuning) have their own module
+    from jaxllm.convert_peft import main as peft_main  # pylint: disable=import-outside-toplevel
+    return peft_main(argv)
+  args = parse_args(argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

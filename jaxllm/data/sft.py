@@ -332,10 +332,9 @@ def padded_batch(examples: list[Encoded], width: int) -> dict[str, np.ndarray]:
 
 def packed_batch(rows: list[list[Encoded]], width: int) -> dict[str, np.ndarray]:
   """Several examples per row: segment_ids 1, 2, ... (0 = padding) and positions restarting at 0."""
-  batch = padded_batch([], width)
-  batch = {k: np.zeros((len(rows), width), v.dtype) for k, v in batch.items()}
-  batch["segment_ids"] = np.zeros((len(rows), width), np.int32)
-  batch["positions"] = np.zeros((len(rows), width), np.int32)
+  batch = {k: np.zeros((len(rows), width), dt) for k, dt in
+           (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32),
+            ("segment_ids", np.int32), ("positions", np.int32))}
   for row, examples in enumerate(rows):
     start = 0
     for seg, ex in enumerate(examples, 1):

@@ -41,6 +41,7 @@ class ModelConfig:
   param_dtype: str = "float32"   # storage dtype of the master weights
   remat: str = "none"            # none | dots | full
   attention_impl: str = "auto"   # auto | xla | cudnn
+  num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
   # BERT only.
   type_vocab_size: int = 2
   use_pooler: bool = False
@@ -91,7 +92,11 @@ class ModelConfig:
     biases = (hd * (h + 2 * kv) + d + ff * (2 if gated else 1) + d) if self.use_bias else 0
     norm_size = d * (2 if self.norm == "layernorm" else 1)
     total = self.num_layers * (attn + mlp + norms + biases) + norm_size * (2 if self.embed_norm else 1)
+    if self.family == "bert":  # MLM head transform (+ pooler); embed_norm stands where final_norm is
+      total += (d * d + d) * (2 if self.use_pooler else 1) + norm_size
     if include_embeddings:
+      if self.family == "bert":
+        total += self.type_vocab_size * d + self.vocab_size  # token types, MLM output bias
       total += self.vocab_size * d
       if not self.tie_embeddings:
         total += self.vocab_size * d

@@ -53,6 +53,12 @@ class GPT(nn.Module):
           cfg.max_seq_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01),
                                                       (None, "embed")))
+    if cfg.num_virtual_tokens:
+      # Prompt tuning (Lester et al. 2021): virtual-token embeddings placed before the tokens.
+      self.prompt = nn.Embed(
+          cfg.num_virtual_tokens, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                      (None, "embed")))
     if cfg.embed_norm:
       self.embed_norm = make_norm(cfg, "embed_norm")
     block = Block
@@ -99,7 +105,20 @@ class GPT(nn.Module):
     batch, seq_len = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
-    x = self.embed_tokens(tokens, positions)
+    num_virtual = cfg.num_virtual_tokens
+    if num_virtual:  # the virtual tokens take positions 0..num_virtual-1; the tokens follow
+      positions = jnp.concatenate(
+          [jnp.broadcast_to(jnp.arange(num_virtual, dtype=positions.dtype), (batch, num_virtual)),
+           positions + num_virtual], axis=1)
+      if segment_ids is not None:  # the prompt belongs to the row's first example
+        segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], num_virtual, 1), segment_ids], 1)
+      if prefix_len is not None:
+        prefix_len = prefix_len + num_virtual
+      seq_len += num_virtual
+    prompt = None
+    if num_virtual:  # embedded like tokens (position embeddings, embed_norm), as in HF PEFT
+      prompt = jnp.broadcast_to(self.prompt(jnp.arange(num_virtual)), (batch, num_virtual, cfg.d_model))
+    x = self.embed_tokens(tokens, positions, prompt)
     x = self.dropout(x, deterministic=deterministic)
     mask = attention_mask(seq_len, segment_ids, prefix_len, causal=True, batch=batch)
     bias = None
@@ -109,7 +128,7 @@ class GPT(nn.Module):
         mask = attention_mask(seq_len, jnp.zeros((batch, seq_len), jnp.int32), None, True, batch)
     for layer in self.layers:
       x = layer(x, positions, mask, bias, deterministic)
-    return self.logits(x)
+    return self.logits(x[:, num_virtual:])  # virtual positions predict nothing and get no loss
 
   def decode(self, tokens: Array, cache: tuple[KVCache, ...], cache_index: Array,
              key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,

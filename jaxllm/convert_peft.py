@@ -1,0 +1,90 @@
+"""Prompt-tuning adapters to and from the Hugging Face PEFT format.
+
+  python -m jaxllm.convert_peft to-peft --run WORKDIR --out ADAPTER_DIR [--base-model NAME_OR_PATH]
+  python -m jaxllm.convert_peft from-peft --adapter ADAPTER_DIR --base MODEL_DIR --out RUN_DIR
+
+`to-peft` reads the prompt of a prompt-tuning run (its latest checkpoint) and writes
+adapter_config.json + adapter_model.safetensors, which `PeftModel.from_pretrained(base, dir)`
+loads onto the same base model in transformers. `from-peft` turns a PEFT PROMPT_TUNING
+adapter into a jaxllm run directory that references MODEL_DIR (a jaxllm model directory,
+e.g. from `convert from-hf`) as its base, ready for `generate` or further training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+from jaxllm import checkpoint, peft
+from jaxllm.models import ModelConfig
+
+
+def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> None:
+  run_config = checkpoint.read_run_config(run_dir)
+  model_cfg = ModelConfig.from_config(run_config["model"])
+  if not model_cfg.num_virtual_tokens:
+    raise ValueError(f"{run_dir}: model.num_virtual_tokens is 0; not a prompt-tuning run.")
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {"prompt": {"embedding": jax.ShapeDtypeStruct(
+      (model_cfg.num_virtual_tokens, model_cfg.d_model), model_cfg.weight_dtype, sharding=cpu)}}
+  params = checkpoint.load_params(run_dir, abstract)
+  train_cfg = run_config.get("train", {})
+  peft.to_peft(np.asarray(params["prompt"]["embedding"]), out_dir, model_cfg,
+               base_model_name_or_path=base_model or run_config.get("init_from") or None,
+               init_text=train_cfg.get("prompt_init_text", ""),
+               tokenizer_name_or_path=run_config.get("data", {}).get("tokenizer") or None)
+
+
+def import_adapter(adapter_dir: str, base_dir: str, out_dir: str) -> None:
+  prompt, peft_config = peft.from_peft(adapter_dir)
+  base_config = checkpoint.read_run_config(base_dir)
+  d_model = base_config["model"]["d_model"]
+  if prompt.shape[1] != d_model:
+    raise ValueError(f"{adapter_dir}: token_dim={prompt.shape[1]} does not match the base model's "
+                     f"d_model={d_model} ({base_dir}); use the adapter's own base model.")
+  run_config = copy.deepcopy(base_config)
+  run_config["model"]["num_virtual_tokens"] = int(prompt.shape[0])
+  run_config["init_from"] = os.path.abspath(base_dir)
+  run_config.setdefault("train", {})["trainable"] = peft.PROMPT_PATTERN
+  run_config["train"]["prompt_init_text"] = peft_config.get("prompt_tuning_init_text") or ""
+  dtype = ModelConfig.from_config(run_config["model"]).weight_dtype
+  checkpoint.save_model_dir(out_dir, run_config, {"prompt": {"embedding": prompt.astype(dtype)}})
+  base_tokenizer = os.path.join(base_dir, "tokenizer")
+  if os.path.isdir(base_tokenizer) and not os.path.isdir(os.path.join(out_dir, "tokenizer")):
+    shutil.copytree(base_tokenizer, os.path.join(out_dir, "tokenizer"))
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jaxllm.convert_peft", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  to = sub.add_parser("to-peft", help="a jaxllm prompt-tuning run -> PEFT adapter directory")
+  to.add_argument("--run", required=True, help="the run's workdir")
+  to.add_argument("--out", required=True, help="adapter directory to write")
+  to.add_argument("--base-model", default=None,
+                  help="base_model_name_or_path to record (default: the run's init_from)")
+  frm = sub.add_parser("from-peft", help="PEFT PROMPT_TUNING adapter -> jaxllm run directory")
+  frm.add_argument("--adapter", required=True, help="PEFT adapter directory")
+  frm.add_argument("--base", required=True, help="jaxllm model directory of the base model")
+  frm.add_argument("--out", required=True, help="run directory to write")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "to-peft":
+      export_run(args.run, args.out, args.base_model)
+    else:
+      import_adapter(args.adapter, args.base, args.out)
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
