@@ -14,6 +14,7 @@ def get_config():
   config.data.max_chars = 4_000_000   # about 4 MB of Python source
   config.data.seq_len = 128
   config.data.val_fraction = 0.05
+  config.data.row_shuffle = 1024   # stdlib files are long: mix rows from many of them per batch
   config.model.update(vocab_size=4096, d_model=192, num_layers=4, num_heads=6, d_ff=768,
                       max_seq_len=128)
   config.train.update(steps=500, batch_size=16, log_every=25, eval_every=100, eval_steps=8,

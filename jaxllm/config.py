@@ -50,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
       val_path="",            # a separate validation source (same kind as source); overrides val_fraction
       shuffle_buffer=10_000,  # streams: documents shuffled together (files are shuffled too)
       num_shards=0,           # logical data shards; 0 = one per process. Fix it to make batches host-count free
+      row_shuffle=0,          # training rows shuffled in windows of this many after packing (0 = off)
       prefetch=2,             # batches prepared ahead in a background thread (0 = none)
       tokenize_batch=128,     # documents per tokenizer call
       on_bad_record="skip",   # skip (counted, logged) | error: unusable records (no field, bad UTF-8/JSON, empty)

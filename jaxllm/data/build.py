@@ -200,7 +200,7 @@ def build_lm_data(config: Any, workdir: str) -> LMData:
   batch_size = config.train.batch_size
   common = dict(num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
   train = lm_batches({n: s.train() for n, s in sources.items()}, spec, batch_size, weights=weights,
-                     prefetch=data.get("prefetch", 2), **common)
+                     prefetch=data.get("prefetch", 2), row_shuffle=data.get("row_shuffle", 0), **common)
   val_batches = []
   if config.train.eval_steps > 0 and all(s.has_val for s in sources.values()):
     val = lm_batches({n: s.val() for n, s in sources.items()}, spec, batch_size, weights=weights, **common)

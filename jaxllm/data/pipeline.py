@@ -84,7 +84,8 @@ def _concat_batches(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.
 
 def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int, *,
                weights: dict[str, float] | None = None, num_shards: int = 1, process_index: int = 0,
-               process_count: int = 1, drop_remainder: bool = True, prefetch: int = 0) -> grain.IterDataset:
+               process_count: int = 1, drop_remainder: bool = True, prefetch: int = 0,
+               row_shuffle: int = 0) -> grain.IterDataset:
   """This host's batches (batch_size / process_count rows) of packed causal-LM examples.
 
   `batch_size` is the global batch; each of the `num_shards` logical shards makes
@@ -94,8 +95,15 @@ def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int,
     raise ValueError(f"train.batch_size={batch_size} is not divisible by data.num_shards={num_shards}.")
   rows_per_shard = batch_size // num_shards
   weights = weights or {name: 1.0 for name in sources}
-  shard_batches = [shard_rows(sources, weights, spec, s, num_shards).batch(rows_per_shard, drop_remainder=drop_remainder)
-                   for s in host_shards(num_shards, process_index, process_count)]
+  shard_batches = []
+  for s in host_shards(num_shards, process_index, process_count):
+    rows = shard_rows(sources, weights, spec, s, num_shards)
+    if row_shuffle > 1:
+      # Consecutive rows of a long document are near-duplicates; mixing a window of rows keeps
+      # one file from filling whole batches (the ConstantLengthDataset + shuffle-buffer recipe).
+      rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=row_shuffle,
+                                                         seed=spec.seed * 7_919 + s)
+    shard_batches.append(rows.batch(rows_per_shard, drop_remainder=drop_remainder))
   if len(shard_batches) == 1:
     batches = shard_batches[0]
   else:

@@ -13,6 +13,7 @@ import collections
 import glob
 import json
 import os
+import random
 import sysconfig
 import zlib
 from typing import Any, Iterator, Sequence
@@ -58,8 +59,15 @@ def stdlib_documents(max_chars: int = 0) -> list[str]:
   A code corpus present on every machine, so the quickstart needs no download.
   """
   root = sysconfig.get_paths()["stdlib"]
+  # Leave out tests, vendored packages and generated data tables (codec maps, pydoc topics):
+  # they are not the kind of code a model should learn to write.
+  skip = {"site-packages", "test", "tests", "encodings", "pydoc_data", "idlelib", "lib2to3",
+          "turtledemo", "ensurepip", "__phello__"}
   paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-                 if "site-packages" not in p and f"{os.sep}test" not in p[len(root):])
+                 if not skip & set(os.path.relpath(p, root).split(os.sep)[:-1])
+                 and os.path.getsize(p) < 200_000)
+  # A fixed shuffle, so a character cap samples the whole library rather than its first folders.
+  random.Random(0).shuffle(paths)
   docs, total = [], 0
   for path in paths:
     try:
