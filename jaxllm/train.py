@@ -183,7 +183,9 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
         preempted = watcher.reached(step)
         is_last = step == total_steps or preempted
         save_now = step % config.train.checkpoint_every == 0 or is_last
-        log_now = step % config.train.log_every == 0 or is_last
+        eval_now = bool(val_batches) and (step % config.train.eval_every == 0 or step == total_steps)
+        # An eval step is a log step too, so eval_every need not be a multiple of log_every.
+        log_now = step % config.train.log_every == 0 or eval_now or is_last
         if not (log_now or save_now):
           continue
         # The only host sync: once per log interval, and before a save so that the fault
@@ -199,7 +201,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
           last.update({k: int(pending[-1][k]) for k in faults.COUNTERS if k in pending[-1]})
           pending.clear()
           first_pending = step + 1
-          if val_batches and (step % config.train.eval_every == 0 or step == total_steps) and not fault:
+          if eval_now and not fault:
             last.update(evaluate(jit_eval, state, val_batches, mesh))
           writer.write(step, last)
           writer.advance(step)

@@ -37,6 +37,11 @@ def make_tiny_config(tmp_path, **overrides):
                       checkpoint_every=3, progress=False, tensorboard=False)
   config.optim.update(lr=3e-3, warmup_steps=2, min_lr=3e-4)
   config.mesh.update(data=-1, fsdp=1, tensor=1)
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys ("train.steps") on a ConfigDict, as --config.train.steps=... would."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

@@ -106,7 +106,7 @@ def test_prompt_tuned_model_matches_the_base_fed_the_prompt_as_embeddings(base):
 
 
 def prompt_config(tmp_path, base, data_path, **overrides):
-  from tests.helpers import make_tiny_config
+  from tests.helpers import apply_overrides, make_tiny_config
   config = make_tiny_config(tmp_path)
   config.model.update(model_section(num_virtual_tokens=4))
   config.update(task="sft", init_from=base["dir"])
@@ -115,13 +115,7 @@ def prompt_config(tmp_path, base, data_path, **overrides):
   config.train.update(trainable=peft.PROMPT_PATTERN, prompt_init_text="tell me about", steps=4,
                       batch_size=8, log_every=2, checkpoint_every=2, eval_steps=0)
   config.optim.update(lr=0.1, warmup_steps=0, min_lr=0.1, weight_decay=0.0)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return apply_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")
