@@ -197,3 +197,31 @@ def test_mixture_weights_are_shares_of_rows(tok):
   rows = np.concatenate([b["inputs"] for b in batches])
   share_a = np.mean([(row == aaaa).sum() > 3 for row in rows])
   assert 0.7 <= share_a <= 0.8
+
+
+def test_parallel_tokenizing_yields_the_sequential_tokens_and_resumes_exactly(tok):
+  from jaxllm.data.packing import tokenize  # pylint: disable=import-outside-toplevel
+  docs = random_docs(60, seed=3)
+  def tokens(num_threads):
+    source = grain.MapDataset.source(docs).to_iter_dataset()
+    return tokenize(source, tok, tok.eos_token_id, batch_size=4, num_threads=num_threads)
+  sequential = [e["tokens"].tolist() for e in tokens(0)]
+  assert sequential == [ids(tok, d) for d in docs]
+  it = iter(tokens(3))
+  first = [next(it)["tokens"].tolist() for _ in range(13)]  # stops inside a batch, with batches in flight
+  state = it.get_state()
+  resumed = iter(tokens(3))
+  resumed.set_state(state)
+  assert first + [e["tokens"].tolist() for e in resumed] == sequential
+
+
+def test_a_tokenizer_error_surfaces_at_its_document():
+  from jaxllm.data.packing import ParallelMapIterDataset  # pylint: disable=import-outside-toplevel
+  def fn(x):
+    if x == 5:
+      raise ValueError("bad record 5")
+    return x * 10
+  it = iter(ParallelMapIterDataset(grain.MapDataset.range(10).to_iter_dataset(), fn, num_threads=2))
+  assert [next(it) for _ in range(5)] == [0, 10, 20, 30, 40]
+  with pytest.raises(ValueError, match="bad record 5"):
+    next(it)

@@ -175,7 +175,8 @@ def check_data_config(data: Any) -> None:
   """The pipeline's own keys, checked before any file is read."""
   if data.get("packing", "concat") not in PACKING_MODES:
     raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
-  for key, low in (("seq_len", 1), ("pack_bins", 1), ("tokenize_batch", 1), ("shuffle_buffer", 0),
+  for key, low in (("seq_len", 1), ("pack_bins", 1), ("tokenize_batch", 1), ("tokenize_threads", -1),
+                   ("shuffle_buffer", 0),
                    ("prefetch", 0), ("num_shards", 0)):
     if data.get(key, low) < low:
       raise ConfigError(f"data.{key}={data.get(key)} must be at least {low}.")
@@ -195,7 +196,8 @@ def build_lm_data(config: Any, workdir: str) -> LMData:
   sample = lambda: [doc for s in sources.values() for doc in s.sample(data.get("tokenizer_train_chars", 0))]  # noqa: E731
   tokenizer = prepare_tokenizer(config, workdir, sample)
   spec = PackSpec(tokenizer, tokenizer.eos_token_id, data.seq_len, data.get("packing", "concat"),
-                  data.get("pack_bins", 128), data.get("tokenize_batch", 128), data.seed)
+                  data.get("pack_bins", 128), data.get("tokenize_batch", 128), data.seed,
+                  data.get("tokenize_threads", -1))
   num_shards = num_data_shards(config)
   batch_size = config.train.batch_size
   common = dict(num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())

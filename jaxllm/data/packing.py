@@ -14,6 +14,11 @@ Two packing modes (`data.packing`):
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import copy
+import functools
+import os
 from typing import Any, Callable
 
 import grain
@@ -22,33 +27,128 @@ import numpy as np
 PACKING_MODES = ("concat", "document")
 
 
-class _TokenizeBatch(grain.experimental.FlatMapTransform):
-  """A list of documents -> one {"tokens": int32[len + 1]} per document, EOS appended.
+class _TokenizeBatch:
+  """A list of documents -> a list of int32[len + 1] token arrays, EOS appended.
 
   Tokenizing a batch at once lets the Rust tokenizer use every core."""
 
-  def __init__(self, tokenizer: Any, eos_id: int, batch_size: int):
+  def __init__(self, tokenizer: Any, eos_id: int):
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     self._eos = np.asarray([eos_id], np.int32)
-    self.max_fan_out = batch_size
 
-  def flat_map(self, docs: list[str]) -> list[dict[str, np.ndarray]]:
+  def __call__(self, docs: list[str]) -> list[np.ndarray]:
     encodings = self._encode(list(docs), add_special_tokens=False)
     # The model must learn where a document ends, so every document ends in EOS.
-    return [{"tokens": np.concatenate([np.asarray(e.ids, np.int32), self._eos])} for e in encodings]
+    return [np.concatenate([np.asarray(e.ids, np.int32), self._eos]) for e in encodings]
 
 
-def tokenize(docs: grain.IterDataset, tokenizer: Any, eos_id: int, batch_size: int = 128) -> grain.IterDataset:
-  """Documents (strings) -> {"tokens"} with EOS, tokenized `batch_size` documents per call."""
+class _Unbatch(grain.experimental.FlatMapTransform):
+  """A list of token arrays -> one {"tokens"} element per array."""
+
+  def __init__(self, batch_size: int):
+    self.max_fan_out = batch_size
+
+  def flat_map(self, token_lists: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    return [{"tokens": tokens} for tokens in token_lists]
+
+
+class ParallelMapIterDataset(grain.IterDataset):
+  """`parent.map(fn)` computed `num_threads` elements ahead in a thread pool, in order.
+
+  For functions that release the GIL (the Rust tokenizer does), so that several
+  batches tokenize at once on separate cores while Python packs the previous ones.
+  grain parallelizes maps of random-access datasets only; this works for streams too.
+  The iterator's state is the parent's state after the last element handed out, so
+  resuming from it yields exactly the elements an unbroken run yields next."""
+
+  def __init__(self, parent: grain.IterDataset, fn: Callable[[Any], Any], num_threads: int):
+    super().__init__(parent)
+    self._fn, self._num_threads = fn, num_threads
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ParallelMapIterator(self._parent.__iter__(), self._fn, self._num_threads)
+
+
+class _ParallelMapIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, fn: Callable[[Any], Any], num_threads: int):
+    super().__init__(parent)
+    self._fn, self._num_threads = fn, num_threads
+    self._pool = _thread_pool(num_threads)
+    self._ahead: collections.deque = collections.deque()  # (future, parent state after its element)
+    self._state = copy.deepcopy(parent.get_state())
+    self._exhausted = False
+
+  def _fill(self) -> None:
+    while not self._exhausted and len(self._ahead) < 2 * self._num_threads:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        return
+      self._ahead.append((self._pool.submit(self._fn, element), copy.deepcopy(self._parent.get_state())))
+
+  def __next__(self) -> Any:
+    self._fill()
+    if not self._ahead:
+      raise StopIteration
+    future, state = self._ahead.popleft()
+    result = future.result()  # an error in fn surfaces here, at the element that caused it
+    self._state = state
+    return result
+
+  def get_state(self) -> dict[str, Any]:
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for future, _ in self._ahead:
+      future.cancel()
+    self._ahead.clear()
+    self._parent.set_state(state)
+    self._state, self._exhausted = copy.deepcopy(state), False
+
+  def close(self) -> None:
+    for future, _ in self._ahead:
+      future.cancel()
+    self._ahead.clear()
+    super().close()
+
+
+@functools.cache
+def _thread_pool(num_threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  # One pool per process, shared by every source and shard: mixing sources must not multiply threads.
+  return concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="jaxllm-tokenize")
+
+
+def tokenize_threads() -> int:
+  """Tokenizer threads: one per core this process may use."""
+  return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def tokenize(docs: grain.IterDataset, tokenizer: Any, eos_id: int, batch_size: int = 128,
+             num_threads: int | None = None) -> grain.IterDataset:
+  """Documents (strings) -> {"tokens"} with EOS, tokenized `batch_size` documents per call.
+
+  `num_threads` batches (default: one per core) are tokenized at once in a thread pool,
+  each single-threaded: on a small machine this beats the tokenizer's own parallelism,
+  whose idle workers spin, and it overlaps tokenizing with packing in Python."""
+  num_threads = tokenize_threads() if num_threads is None else num_threads
   batched = docs.batch(batch_size, drop_remainder=False, batch_fn=list)
-  return grain.experimental.FlatMapIterDataset(batched, _TokenizeBatch(tokenizer, eos_id, batch_size))
+  encode = _TokenizeBatch(tokenizer, eos_id)
+  if num_threads > 0:
+    # Batches tokenize in our threads, so the tokenizer's own pool would only oversubscribe the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    encoded = ParallelMapIterDataset(batched, encode, num_threads)
+  else:
+    encoded = batched.map(encode)
+  return grain.experimental.FlatMapIterDataset(encoded, _Unbatch(batch_size))
 
 
 def tokenize_fn(tokenizer: Any, eos_id: int) -> Callable[[str], dict[str, np.ndarray]]:
   """One document -> {"tokens"} with EOS appended (for callers that tokenize one at a time)."""
-  encode = _TokenizeBatch(tokenizer, eos_id, 1)
-  return lambda text: encode.flat_map([text])[0]
+  encode = _TokenizeBatch(tokenizer, eos_id)
+  return lambda text: {"tokens": encode([text])[0]}
 
 
 def _concat_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

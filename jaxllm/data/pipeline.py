@@ -40,6 +40,7 @@ class PackSpec:
   pack_bins: int = 128
   tokenize_batch: int = 128
   seed: int = 0
+  tokenize_threads: int = -1  # -1: one per core; 0: tokenize inline
 
 
 def memory_documents(docs: Sequence[str], *, seed: int, shuffle: bool = True, repeat: bool = True) -> DocumentsFn:
@@ -62,7 +63,8 @@ def shard_rows(sources: dict[str, DocumentsFn], weights: dict[str, float], spec:
   """Packed rows of one logical shard, the sources mixed by weight."""
   rows = {}
   for i, (name, make_docs) in enumerate(sources.items()):
-    tokens = tokenize(make_docs(shard_index, num_shards), spec.tokenizer, spec.eos_id, spec.tokenize_batch)
+    tokens = tokenize(make_docs(shard_index, num_shards), spec.tokenizer, spec.eos_id, spec.tokenize_batch,
+                      None if spec.tokenize_threads < 0 else spec.tokenize_threads)
     rows[name] = pack(tokens, spec.packing, spec.seq_len, spec.pack_bins,
                       seed=spec.seed * 1_000_003 + shard_index * 101 + i)
   if len(rows) == 1:
