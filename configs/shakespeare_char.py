@@ -8,7 +8,8 @@ d_model 128, context 64, batch 12, 2000 iterations, lr 1e-3 with 100 warmup step
 and cosine decay to 1e-4, beta2 0.99, no dropout; validation loss about 1.88.
 As in nanoGPT the text is split 90/10 by position (the last 10% validates) and
 every row starts at a random offset; evaluation is 20 batches every 250 steps.
-nanoGPT's model has no biases (bias=False) and exact GELU; its vocabulary is the
+nanoGPT's model has no biases (bias=False, LayerNorms included) and exact GELU, and
+its AdamW decays every 2-D weight, the tied embedding included; its vocabulary is the
 65 characters of the text (ours adds an EOS token that this data never uses).
 """
 
@@ -25,5 +26,5 @@ def get_config():
                       checkpoint_every=1000, sample_prompt="ROMEO:", sample_tokens=200,
                       sample_temperature=0.8, sample_top_k=200)
   config.optim.update(lr=1e-3, warmup_steps=100, min_lr=1e-4, b1=0.9, b2=0.99, weight_decay=0.1,
-                      grad_clip=1.0)
+                      grad_clip=1.0, decay_embeddings=True)
   return config

@@ -81,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
       lr=3e-4, warmup_steps=100, min_lr=3e-5, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
       grad_clip=1.0,
       decay_steps=0,          # where the cosine ends; 0 = train.steps
+      decay_embeddings=False, # also weight-decay the token/position embeddings (nanoGPT does)
   ))
 
   # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).

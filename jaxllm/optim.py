@@ -7,6 +7,7 @@ prompt tuning and LoRA differ only in that pattern.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -14,8 +15,10 @@ import optax
 from flax import traverse_util
 
 # Parameters whose path contains one of these never get weight decay: biases,
-# norm scales, and embeddings (decaying them hurts rare tokens).
-NO_DECAY_NAMES = ("bias", "scale", "embed", "embedding", "pos_embed", "prompt")
+# norm scales, soft prompts, and embeddings (decaying them hurts rare tokens) unless
+# optim.decay_embeddings.
+NO_DECAY_NAMES = frozenset({"bias", "scale", "embed", "embedding", "pos_embed", "prompt"})
+EMBEDDING_NAMES = frozenset({"embed", "embedding", "pos_embed"})
 
 
 def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
@@ -28,11 +31,13 @@ def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps, warmup + 1), end_value=optim_cfg.min_lr)
 
 
-def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: matrices that are not embeddings."""
+def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+  """True where weight decay applies: matrices, embeddings only if `decay_embeddings`
+  (nanoGPT decays every 2-D weight, the tied embedding included)."""
+  skip = NO_DECAY_NAMES - (EMBEDDING_NAMES if decay_embeddings else frozenset())
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({
-      path: not any(part in NO_DECAY_NAMES for part in path) and getattr(leaf, "ndim", 0) >= 2
+      path: not any(part in skip for part in path) and getattr(leaf, "ndim", 0) >= 2
       for path, leaf in flat.items()})
 
 
@@ -42,7 +47,8 @@ def build_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTra
   if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
     transforms.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   transforms.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                                weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+                                weight_decay=optim_cfg.weight_decay,
+                                mask=functools.partial(decay_mask, decay_embeddings=optim_cfg.get("decay_embeddings", False))))
   return optax.chain(*transforms), schedule
 
 

@@ -76,7 +76,8 @@ def test_memory_only_shows_fsdp_shrinking_per_device_memory(tmp_path):
   params_bytes = ModelConfig.from_config(config.model).num_params() * 4
   # Replicated: at least params + grads-sized updates + 2 Adam moments live on each device.
   assert per_device[1] > 3 * params_bytes
-  assert per_device[8] < per_device[1] / 2
+  # Params, gradients and both Adam moments sharded 8 ways: at least two parameter copies' worth saved.
+  assert per_device[1] - per_device[8] > 2 * params_bytes
 
 
 def test_bench_cli_rejects_unknown_remat():

@@ -152,3 +152,20 @@ def test_recipe_configs_build_the_published_sizes(name, params_m):
   # GPT-2 sizes count the 50,257-token tied embedding; our vocabulary is padded to 50,304.
   assert abs(model_cfg.num_params() / 1e6 - params_m) / params_m < 0.06, model_cfg.num_params()
   validate(config, 8)  # the mesh and batch of every recipe fit 8 devices
+
+
+def test_weight_decay_spares_biases_norms_and_embeddings_unless_asked():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from jaxllm.models import GPT  # pylint: disable=import-outside-toplevel
+  from jaxllm.optim import decay_mask  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=32, d_model=16, num_layers=1, num_heads=2, max_seq_len=8, use_bias=False)
+  params = nn.meta.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  # use_bias=False drops every bias, the LayerNorms' too (nanoGPT's bias=False)
+  names = ["/".join(p) for p in traverse_util.flatten_dict(params)]
+  assert not [n for n in names if n.endswith("bias")], names
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  for decay_embeddings, decayed_embeddings in ((False, set()), (True, {"embed/embedding", "pos_embed/embedding"})):
+    mask = {"/".join(p): v for p, v in traverse_util.flatten_dict(decay_mask(params, decay_embeddings)).items()}
+    assert {n for n, v in mask.items() if v} == {n for n in names if "kernel" in n} | decayed_embeddings

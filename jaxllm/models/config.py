@@ -88,9 +88,10 @@ class ModelConfig:
     gated = self.activation in ("swiglu", "geglu")
     attn = d * hd * (h + 2 * kv) + h * hd * d
     mlp = d * ff * (3 if gated else 2)
-    norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+    ln_terms = 2 if self.norm == "layernorm" and self.use_bias else 1  # scale (+ bias)
+    norms = 2 * d * ln_terms
     biases = (hd * (h + 2 * kv) + d + ff * (2 if gated else 1) + d) if self.use_bias else 0
-    norm_size = d * (2 if self.norm == "layernorm" else 1)
+    norm_size = d * ln_terms
     total = self.num_layers * (attn + mlp + norms + biases) + norm_size * (2 if self.embed_norm else 1)
     if self.family == "bert":  # MLM head transform (+ pooler); embed_norm stands where final_norm is
       total += (d * d + d) * (2 if self.use_pooler else 1) + norm_size

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Attention, KVCache, Mlp, alibi_bias, attention_mask, make_norm
+from jaxllm.models.layers import Attention, KVCache, Mlp, alibi_bias, attention_mask, make_norm, tied_logits
 
 Array = jax.Array
 
@@ -51,7 +51,7 @@ class GPT(nn.Module):
     if cfg.position == "learned":
       self.pos_embed = nn.Embed(
           cfg.max_seq_len, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01),
+          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                       (None, "embed")))
     if cfg.num_virtual_tokens:
       # Prompt tuning (Lester et al. 2021): virtual-token embeddings placed before the tokens.
@@ -91,7 +91,7 @@ class GPT(nn.Module):
   def logits(self, x: Array) -> Array:
     x = self.final_norm(x).astype(self.cfg.compute_dtype)
     if self.cfg.tie_embeddings:
-      out = self.embed.attend(x)
+      out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype))  # = self.embed.attend(x)
     else:
       out = self.lm_head(x)
     return out.astype(jnp.float32)
