@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
       row_shuffle=0,          # training rows shuffled in windows of this many after packing (0 = off)
       prefetch=2,             # batches prepared ahead in a background thread (0 = none)
       tokenize_batch=128,     # documents per tokenizer call
-      tokenize_threads=-1,    # batches tokenized at once in a thread pool; -1 = one per core, 0 = inline
+      tokenize_threads=-1,    # batches tokenized at once in a thread pool; -1 = one per core (<= 16), 0 = inline
       on_bad_record="skip",   # skip (counted, logged) | error: unusable records (no field, bad UTF-8/JSON, empty)
       seed=0,
       # task='sft' only (docs/sft.md): data.path is an Alpaca/chat .json/.jsonl file or a datasets dir.

@@ -121,9 +121,14 @@ def _thread_pool(num_threads: int) -> concurrent.futures.ThreadPoolExecutor:
   return concurrent.futures.ThreadPoolExecutor(num_threads, thread_name_prefix="jaxllm-tokenize")
 
 
+MAX_DEFAULT_TOKENIZE_THREADS = 16  # ~13M tokens/s of BPE: more than one host's accelerators consume
+
+
 def tokenize_threads() -> int:
-  """Tokenizer threads: one per core this process may use."""
-  return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+  """Default tokenizer threads: one per core this process may use, at most 16 (each thread keeps
+  two batches in flight per source and shard, so a 200-core host should not start 200)."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return max(1, min(cores, MAX_DEFAULT_TOKENIZE_THREADS))
 
 
 def tokenize(docs: grain.IterDataset, tokenizer: Any, eos_id: int, batch_size: int = 128,
