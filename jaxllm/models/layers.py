@@ -39,37 +39,11 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
                       name=name)
 
 
-def _gelu_and_slope(x: Array) -> tuple[Array, Array]:
-  x32 = x.astype(jnp.float32)
-  # erf as PyTorch's exact GELU has it; XLA's erfc (flax's form) costs 30% of a small GPT's step on CPU.
-  cdf = 0.5 * (1.0 + jax.lax.erf(x32 * (1 / math.sqrt(2))))
-  pdf = jnp.exp(-0.5 * x32 * x32) * (1 / math.sqrt(2 * math.pi))
-  return (x32 * cdf).astype(x.dtype), (cdf + x32 * pdf).astype(x.dtype)
-
-
-@jax.custom_vjp
 def gelu_exact(x: Array) -> Array:
-  """x * Phi(x), as nn.gelu(approximate=False), with a one-multiply backward pass.
-
-  The forward computes the slope Phi(x) + x phi(x) next to the value (same erf, one
-  more exp) and keeps it instead of x. Autodiff of erf otherwise leaves a four-input
-  elementwise pass for the backward that XLA fuses with the transpose feeding the
-  weight-gradient matmul; on CPU that fusion alone cost ~20% of a small GPT's step."""
-  return _gelu_and_slope(x)[0]
-
-
-def _gelu_exact_fwd(x: Array) -> tuple[Array, Array]:
-  return _gelu_and_slope(x)
-
-
-def _gelu_exact_bwd(slope: Array, grad: Array) -> tuple[Array]:
-  # The barrier keeps XLA from fusing this product (and the slope's arithmetic) into
-  # the transposing copy that feeds the weight-gradient matmul: that fusion reads its
-  # inputs column-wise and cost ~4 ms per layer where this pass costs ~0.3 ms.
-  return (jax.lax.optimization_barrier(grad * slope),)
-
-
-gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+  """x * Phi(x), as nn.gelu(approximate=False), written with erf as PyTorch's exact GELU is:
+  flax's form uses erfc, which XLA's CPU backend evaluates at ~30% of a small GPT's step."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
