@@ -46,9 +46,9 @@ def build_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTra
   transforms = []
   if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
     transforms.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
+  mask = functools.partial(decay_mask, decay_embeddings=optim_cfg.get("decay_embeddings", False))
   transforms.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                                weight_decay=optim_cfg.weight_decay,
-                                mask=functools.partial(decay_mask, decay_embeddings=optim_cfg.get("decay_embeddings", False))))
+                                weight_decay=optim_cfg.weight_decay, mask=mask))
   return optax.chain(*transforms), schedule
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.data.pipeline import take_batches
+from jaxllm.data.pipeline import memory_documents, take_batches, tokenize
 from jaxllm.data.sources import DataError, load_documents, train_val_split
 
 
@@ -111,25 +111,14 @@ def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int
   inputs, targets, weights, segment_ids [batch_size, seq_len]."""
   if seq_len < 3:
     raise ConfigError(f"data.seq_len={seq_len} leaves no room between [CLS] and [SEP]; use at least 3.")
-  backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
   sep_id, cls_id, pad_id = tokenizer.sep_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id
   if None in (sep_id, cls_id, pad_id):
     raise ConfigError("masked-LM blocks need [CLS], [SEP] and [PAD] tokens; this tokenizer lacks "
                       "one. Train a WordPiece tokenizer (python -m jaxllm.tokenizer train --kind wordpiece).")
 
-  def tokenize(text: str) -> dict[str, np.ndarray]:
-    ids = backend.encode(text, add_special_tokens=False).ids
-    ids.append(sep_id)  # the document boundary, as in RoBERTa's full-sentence packing
-    return {"tokens": np.asarray(ids, np.int32)}
-
-  ds = grain.MapDataset.source(docs)
-  if shuffle:
-    ds = ds.shuffle(seed=seed)
-  if repeat:
-    ds = ds.repeat()
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  it = ds.map(tokenize).to_iter_dataset()
+  documents = memory_documents(docs, seed=seed, shuffle=shuffle, repeat=repeat)(shard_index, shard_count)
+  # [SEP] ends every document: the boundary, as in RoBERTa's full-sentence packing.
+  it = tokenize(documents, tokenizer, sep_id)
   it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len - 2})
   it = it.map(_block_fn(cls_id, sep_id, pad_id))
 

@@ -101,17 +101,18 @@ class _ParallelMapIterator(grain.DatasetIterator):
   def get_state(self) -> dict[str, Any]:
     return copy.deepcopy(self._state)
 
-  def set_state(self, state: dict[str, Any]) -> None:
+  def _drop_ahead(self) -> None:
     for future, _ in self._ahead:
       future.cancel()
     self._ahead.clear()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._drop_ahead()
     self._parent.set_state(state)
     self._state, self._exhausted = copy.deepcopy(state), False
 
   def close(self) -> None:
-    for future, _ in self._ahead:
-      future.cancel()
-    self._ahead.clear()
+    self._drop_ahead()
     super().close()
 
 
@@ -132,13 +133,13 @@ def tokenize_threads() -> int:
 
 
 def tokenize(docs: grain.IterDataset, tokenizer: Any, eos_id: int, batch_size: int = 128,
-             num_threads: int | None = None) -> grain.IterDataset:
+             num_threads: int = -1) -> grain.IterDataset:
   """Documents (strings) -> {"tokens"} with EOS, tokenized `batch_size` documents per call.
 
-  `num_threads` batches (default: one per core) are tokenized at once in a thread pool,
-  each single-threaded: on a small machine this beats the tokenizer's own parallelism,
-  whose idle workers spin, and it overlaps tokenizing with packing in Python."""
-  num_threads = tokenize_threads() if num_threads is None else num_threads
+  `num_threads` batches (-1: `tokenize_threads()`; 0: inline) are tokenized at once in a
+  thread pool, each single-threaded: on a small machine this beats the tokenizer's own
+  parallelism, whose idle workers spin, and it overlaps tokenizing with packing in Python."""
+  num_threads = tokenize_threads() if num_threads < 0 else num_threads
   batched = docs.batch(batch_size, drop_remainder=False, batch_fn=list)
   encode = _TokenizeBatch(tokenizer, eos_id)
   if num_threads > 0:

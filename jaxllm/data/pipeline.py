@@ -64,7 +64,7 @@ def shard_rows(sources: dict[str, DocumentsFn], weights: dict[str, float], spec:
   rows = {}
   for i, (name, make_docs) in enumerate(sources.items()):
     tokens = tokenize(make_docs(shard_index, num_shards), spec.tokenizer, spec.eos_id, spec.tokenize_batch,
-                      None if spec.tokenize_threads < 0 else spec.tokenize_threads)
+                      spec.tokenize_threads)
     rows[name] = pack(tokens, spec.packing, spec.seq_len, spec.pack_bins,
                       seed=spec.seed * 1_000_003 + shard_index * 101 + i)
   if len(rows) == 1:

@@ -115,10 +115,8 @@ def _read_text(file_path: str, stats: DataStats) -> str | None:
     return None
 
 
-def text_documents(path: str, unit: str, stats: DataStats) -> Iterator[str]:
-  """Plain text: one document per file (`unit='file'`) or per non-empty line (`unit='line'`)."""
-  if unit not in ("file", "line"):
-    raise DataError(f"data.text_unit={unit!r}; use 'file' or 'line'.")
+def _file_texts(path: str, stats: DataStats) -> Iterator[tuple[str, str]]:
+  """(file path, text) of every readable, non-empty file under `path`; the others are counted."""
   for file_path in expand_paths(path):
     text = _read_text(file_path, stats)
     if text is None:
@@ -126,6 +124,14 @@ def text_documents(path: str, unit: str, stats: DataStats) -> Iterator[str]:
     if not text.strip():
       stats.bad("empty file", file_path)
       continue
+    yield file_path, text
+
+
+def text_documents(path: str, unit: str, stats: DataStats) -> Iterator[str]:
+  """Plain text: one document per file (`unit='file'`) or per non-empty line (`unit='line'`)."""
+  if unit not in ("file", "line"):
+    raise DataError(f"data.text_unit={unit!r}; use 'file' or 'line'.")
+  for _, text in _file_texts(path, stats):
     if unit == "file":
       yield text
     else:
@@ -150,13 +156,7 @@ def record_text(record: Any, field: str, where: str, stats: DataStats) -> str | 
 
 def jsonl_documents(path: str, field: str, stats: DataStats) -> Iterator[str]:
   """The string at `field` of every record of JSON-lines files (or files holding one JSON list)."""
-  for file_path in expand_paths(path):
-    text = _read_text(file_path, stats)
-    if text is None:
-      continue
-    if not text.strip():
-      stats.bad("empty file", file_path)
-      continue
+  for file_path, text in _file_texts(path, stats):
     if text.lstrip()[:1] == "[":
       try:
         records = enumerate(json.loads(text), 1)
