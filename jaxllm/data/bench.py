@@ -65,7 +65,7 @@ def main(argv=None) -> None:
   parser.add_argument("--tokenize-batch", type=int, default=128)
   parser.add_argument("--prefetch", type=int, default=2)
   parser.add_argument("--tokenize-threads", type=int, default=-1,
-                      help="batches tokenized at once (data.tokenize_threads; -1 = one per core, 0 = inline)")
+                      help="batches tokenized at once (data.tokenize_threads; -1 = one per core up to 16, 0 = inline)")
   parser.add_argument("--tokenizer", default="", help="a tokenizer dir; default: train a BPE on the corpus")
   parser.add_argument("--vocab-size", type=int, default=32768)
   parser.add_argument("--cores", type=int, default=0, help="pin the process to this many cores (0 = all)")

@@ -40,7 +40,7 @@ class PackSpec:
   pack_bins: int = 128
   tokenize_batch: int = 128
   seed: int = 0
-  tokenize_threads: int = -1  # -1: one per core; 0: tokenize inline
+  tokenize_threads: int = -1  # -1: one per core (at most 16); 0: tokenize inline
 
 
 def memory_documents(docs: Sequence[str], *, seed: int, shuffle: bool = True, repeat: bool = True) -> DocumentsFn:
