@@ -22,7 +22,7 @@ import numpy as np
 from jaxllm import checkpoint, distributed, faults, hardware, peft, preemption
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
-from jaxllm.data.pipeline import restore_iterator
+from jaxllm.data.pipeline import restore_iterator, saved_position
 from jaxllm.data import sft
 from jaxllm.data.mlm import build_mlm_data
 from jaxllm.data.sources import DataError
@@ -210,7 +210,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
           raise faults.NonFiniteError(fault)
         if save_now:
           checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
-                          train_iter.get_state(), force=is_last)
+                          saved_position(train_iter), force=is_last)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
       checkpoint.wait(manager)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxllm.config import default_config
-from jaxllm.data.pipeline import PackSpec, host_shards, lm_batches, memory_documents, restore_iterator
+from jaxllm.data.pipeline import (PackSpec, host_shards, lm_batches, memory_documents, restore_iterator,
+                                  saved_position)
 from jaxllm.data.sources import DataError, DataStats
 from jaxllm.data.stream import StreamDataset, spec_from_config
 from jaxllm.tokenizer import train_bpe
@@ -142,11 +143,31 @@ def resume_matches(dataset, k, m):
   """Batches k+1..k+m of an unbroken iterator == those of a fresh one restored from the state at k."""
   unbroken = iter(dataset)
   take(unbroken, k)
-  state = json.loads(json.dumps(unbroken.get_state()))  # the checkpoint stores it as JSON
+  state = json.loads(json.dumps(saved_position(unbroken)))  # the checkpoint stores it as JSON
   expected = take(unbroken, m)
   resumed = iter(dataset)
-  resumed.set_state(state)
+  restore_iterator(resumed, state)
   assert_same(take(resumed, m), expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 8, 13])
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_resume_inside_the_first_row_shuffle_window_is_exact(tok, packing, k):
+  # The quickstart's case: the window refills from the not-yet-started position on restore,
+  # whose ConcatThenSplit state holds tuples that plain JSON turns into lists.
+  ds = lm_batches({"a": memory_documents(random_docs(80, seed=1), seed=0)}, spec_for(tok, packing), 4,
+                  prefetch=2, row_shuffle=32)
+  resume_matches(ds, k=k, m=4)
+
+
+def test_saved_positions_round_trip_exactly():
+  from jaxllm.data import position  # pylint: disable=import-outside-toplevel
+  state = {"a": (-1, -1), "b": [(1, 2), {"c": np.int64(3)}], "d": {0: "x", 2: (None,)}, "e": 1.5}
+  decoded = position.decode(json.loads(json.dumps(position.encode(state))))
+  assert decoded == {"a": (-1, -1), "b": [(1, 2), {"c": 3}], "d": {0: "x", 2: (None,)}, "e": 1.5}
+  assert type(decoded["a"]) is tuple and type(decoded["b"][0]) is tuple
+  legacy = {"parent": {"remainder_slices": {"tokens": [-1, -1]}, "parent_state": {}}}
+  assert position.decode(json.loads(json.dumps(legacy)))["parent"]["remainder_slices"] == {"tokens": (-1, -1)}
 
 
 @pytest.mark.parametrize("packing", ["concat", "document"])

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from jaxllm.data import position
 from jaxllm.data.packing import pack, tokenize, tokenize_fn  # noqa: F401  (tokenize_fn re-exported)
 from jaxllm.data.sources import DataError
 
@@ -128,10 +129,16 @@ def lm_dataset(docs: Sequence[str], tokenizer: Any, eos_id: int, seq_len: int, b
   return rows.batch(batch_size, drop_remainder=True)
 
 
-def restore_iterator(iterator: grain.DatasetIterator, state: dict) -> None:
-  """Puts a fresh iterator at a checkpointed position; a state saved by a different pipeline is an error."""
+def saved_position(iterator: grain.DatasetIterator) -> dict:
+  """The iterator's position as a checkpoint stores it (JSON; see data/position.py)."""
+  return position.encode(iterator.get_state())
+
+
+def restore_iterator(iterator: grain.DatasetIterator, saved: dict) -> None:
+  """Puts a fresh iterator at a checkpointed position (`saved_position`'s value, or a raw state);
+  a state saved by a different pipeline is an error."""
   try:
-    iterator.set_state(state)
+    iterator.set_state(position.decode(saved))
   except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
     raise DataError(f"the checkpoint's data position does not fit this data pipeline ({type(e).__name__}: "
                     f"{str(e)[:120]}); resume with the data config it was saved with (sources, packing, "
