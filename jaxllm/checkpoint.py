@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxllm import killpoints
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message says why and what to do."""
@@ -43,7 +45,9 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any 
   with _write_errors(manager, step):
     manager.wait_until_finished()  # the previous save's bytes count against the free space
     _check_free_space(str(manager.directory), step, state)
-    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+    saved = manager.save(step, args=ocp.args.Composite(**args), force=force)
+    killpoints.reached("checkpoint.write")
+    return saved
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -100,6 +104,14 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
+  where = f"checkpoint step {step} in {manager.directory}"
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = _stored_tree(checkpointer, os.path.join(str(manager.directory), str(step), "state"))
+  wanted = _flat_params({"params": getattr(abstract_state, "params", None),
+                         "frozen": getattr(abstract_state, "frozen", None)})
+  if wanted:  # a train state: its parameters must be exactly the model's, shapes included
+    check_params_fit(_flat_params(stored), wanted, wanted, where=where,
+                     fix="resume with the config it was trained with (its config.json) or use a fresh --workdir")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -115,10 +127,14 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any:
+def load_params(path: str, abstract_params: Any, step: int | None = None, *, expected: Any = None) -> Any:
   """Loads only the model parameters from a jaxllm checkpoint dir (a workdir, its
   `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning).
-  `step` picks one of several saved steps (default: the latest)."""
+  `step` picks one of several saved steps (default: the latest).
+
+  Every parameter of `abstract_params` must be stored with its shape, and every stored
+  parameter must belong to `expected` (the whole model's abstract params; default
+  `abstract_params`), so a checkpoint of another architecture is refused, never half-loaded."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -134,7 +150,15 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restore_target = _split_like_stored(abstract_params, _stored_tree(checkpointer, state_dir))
+    stored = _stored_tree(checkpointer, state_dir)
+    stored_params = _flat_params(stored)
+    if not stored_params:
+      raise CheckpointError(f"{step_dir}: cannot read which parameters the checkpoint holds; it is not "
+                            "a jaxllm checkpoint or it is damaged.")
+    check_params_fit(stored_params, traverse_util.flatten_dict(abstract_params),
+                     traverse_util.flatten_dict(expected if expected is not None else abstract_params),
+                     where=step_dir)
+    restore_target = _split_like_stored(abstract_params, stored)
     try:
       restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=restore_target, restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
@@ -144,12 +168,46 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
                             f"({str(e).splitlines()[0][:200]}).") from e
   flat = traverse_util.flatten_dict(restored.get("frozen") or {})
   flat.update(traverse_util.flatten_dict(restored["params"]))
-  # partial_restore leaves what the checkpoint lacks as abstract leaves instead of failing.
-  missing = ["/".join(map(str, k)) for k, v in flat.items() if isinstance(v, jax.ShapeDtypeStruct)]
-  if missing:
-    raise CheckpointError(f"init_from={step_dir}: the checkpoint has no {', '.join(missing[:3])}"
-                          f"{' ...' if len(missing) > 3 else ''}; it was saved for another model config.")
   return traverse_util.unflatten_dict(flat)
+
+
+def _path(key: tuple) -> str:
+  return "/".join(map(str, key))
+
+
+def _flat_params(stored: Any) -> dict[tuple, Any]:
+  """{path: metadata} of the parameters in a stored state tree (its params and frozen parts)."""
+  flat = {}
+  for part in ("frozen", "params"):
+    tree = stored.get(part) if hasattr(stored, "get") else None
+    if tree:
+      flat.update(traverse_util.flatten_dict(_as_dict(tree)))
+  return flat
+
+
+def _as_dict(tree: Any) -> Any:
+  if hasattr(tree, "keys") and not hasattr(tree, "shape"):
+    return {k: _as_dict(tree[k]) for k in tree.keys()}
+  return tree
+
+
+def check_params_fit(stored: dict[tuple, Any], wanted: dict[tuple, Any], model: dict[tuple, Any],
+                     where: str, fix: str = "use the config it was saved with (its config.json)") -> None:
+  """Refuses, naming the first parameter that differs, unless every wanted parameter is stored
+  with its shape and every stored one belongs to the model (flat {path: array-like} dicts)."""
+  def refuse(detail: str):
+    raise CheckpointError(f"{where} does not fit this model: {detail}; it was saved for another model "
+                          f"config. {fix[0].upper() + fix[1:]}.")
+  for key in sorted(wanted, key=_path):
+    if key not in stored:
+      refuse(f"it has no parameter {_path(key)}")
+    if tuple(stored[key].shape) != tuple(wanted[key].shape):
+      refuse(f"parameter {_path(key)} is {tuple(stored[key].shape)} there but {tuple(wanted[key].shape)} here")
+  for key in sorted(stored, key=_path):
+    if key not in model:
+      refuse(f"it holds parameter {_path(key)}, which this model lacks")
+    if tuple(stored[key].shape) != tuple(model[key].shape):
+      refuse(f"parameter {_path(key)} is {tuple(stored[key].shape)} there but {tuple(model[key].shape)} here")
 
 
 def _stored_tree(checkpointer: ocp.PyTreeCheckpointer, state_dir: str) -> dict:
@@ -203,9 +261,7 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
   `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
   picks a saved step (default: the latest)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jaxllm.models import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
+  from jaxllm.models import ModelConfig, abstract_params  # pylint: disable=import-outside-toplevel
   run_config = read_run_config(path)
   if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
     # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
@@ -220,14 +276,7 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
         break
     return model_cfg, params, tokenizer
   model_cfg = ModelConfig.from_config(run_config["model"])
-  model = build_model(model_cfg)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  abstract = nn.meta.unbox(boxed)
-  if shardings is not None:
-    abstract = abstract_with_shardings(abstract, shardings(boxed))
-  else:
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), abstract)
+  abstract = abstract_params(model_cfg, shardings)
   params = load_params(path, abstract, step)
   tokenizer = None
   tok_dir = os.path.join(path, "tokenizer")

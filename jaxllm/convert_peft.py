@@ -18,11 +18,10 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 
 from jaxllm import checkpoint, peft
-from jaxllm.models import ModelConfig
+from jaxllm.models import ModelConfig, abstract_params
 
 
 def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> None:
@@ -30,10 +29,8 @@ def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> Non
   model_cfg = ModelConfig.from_config(run_config["model"])
   if not model_cfg.num_virtual_tokens:
     raise ValueError(f"{run_dir}: model.num_virtual_tokens is 0; not a prompt-tuning run.")
-  cpu = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {"prompt": {"embedding": jax.ShapeDtypeStruct(
-      (model_cfg.num_virtual_tokens, model_cfg.d_model), model_cfg.weight_dtype, sharding=cpu)}}
-  params = checkpoint.load_params(run_dir, abstract)
+  model = abstract_params(model_cfg)
+  params = checkpoint.load_params(run_dir, {"prompt": model["prompt"]}, expected=model)
   train_cfg = run_config.get("train", {})
   peft.to_peft(np.asarray(params["prompt"]["embedding"]), out_dir, model_cfg,
                base_model_name_or_path=base_model or run_config.get("init_from") or None,

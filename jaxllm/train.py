@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import sys
 import time
@@ -19,7 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxllm import checkpoint, distributed, faults, hardware, peft, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption
+from jaxllm import workdir as workdir_lib
 from jaxllm.config import ConfigError, validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator, saved_position
@@ -30,7 +30,7 @@ from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
 from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
-from jaxllm.state import Setup, make_setup, abstract_params_of, param_shardings_of
+from jaxllm.state import Setup, make_setup
 from jaxllm.step import eval_step, train_step
 
 USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError,
@@ -74,7 +74,10 @@ def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
 
 
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
-  sums = [jit_eval(state, make_global_batch(b, mesh)) for b in val_batches]
+  sums = []
+  for batch in val_batches:
+    sums.append(jit_eval(state, make_global_batch(batch, mesh)))
+    killpoints.reached("eval")
   sums = jax.device_get(sums)
   weight = max(sum(float(s["weight_sum"]) for s in sums), 1.0)
   loss = sum(float(s["loss_sum"]) for s in sums) / weight
@@ -114,40 +117,49 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   adopted = adopt_init_from_architecture(config)
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
-  checkpoint.ensure_writable(workdir)
-  if jax.process_index() == 0:
-    checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  # Nothing in the workdir changes until the run is known to start there: a failed start
+  # (bad data, a checkpoint of another model) leaves the old run's files as they were.
+  workdir_lib.check_resumable(config, workdir)
+  with workdir_lib.StartGuard(workdir):
+    checkpoint.ensure_writable(workdir)
+    sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
+    lm_data = None
+    if sft_data is not None:
+      tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
+    elif config.task == "mlm":
+      tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
+    else:
+      lm_data = build_lm_data(config, workdir)
+      tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
+    train_iter = iter(train_ds)
 
-  sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
-  lm_data = None
-  if sft_data is not None:
-    tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
-  elif config.task == "mlm":
-    tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
-  else:
-    lm_data = build_lm_data(config, workdir)
-    tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
-  train_iter = iter(train_ds)
-
-  setup = make_setup(config, model_cfg, mesh)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-  abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  # Fine-tuning part of a model (train.trainable) from init_from: checkpoints hold only what
-  # trains; the frozen rest is re-read from init_from.
-  by_reference = peft.frozen_by_reference(config)
-  restored = checkpoint.restore(manager, abstract.replace(frozen={}) if by_reference else abstract)
-  rng = jax.random.key(config.train.seed)
-  if restored is not None:
-    state, data_state, start_step = restored
-    if by_reference:
-      state = state.replace(frozen=peft.load_frozen(config, setup))
-    if data_state:
-      restore_iterator(train_iter, data_state)
-  else:
-    init_rng = jax.random.fold_in(rng, 1)
-    params = peft.initial_params(config, setup, tokenizer, init_rng)
-    state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
-    start_step = 0
+    setup = make_setup(config, model_cfg, mesh)
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+    try:
+      abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+      # Fine-tuning part of a model (train.trainable) from init_from: checkpoints hold only what
+      # trains; the frozen rest is re-read from init_from.
+      by_reference = peft.frozen_by_reference(config)
+      restored = checkpoint.restore(manager, abstract.replace(frozen={}) if by_reference else abstract)
+      rng = jax.random.key(config.train.seed)
+      if restored is not None:
+        state, data_state, start_step = restored
+        if by_reference:
+          state = state.replace(frozen=peft.load_frozen(config, setup))
+        if data_state:
+          restore_iterator(train_iter, data_state)
+      else:
+        init_rng = jax.random.fold_in(rng, 1)
+        params = peft.initial_params(config, setup, tokenizer, init_rng)
+        state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
+        start_step = 0
+      if jax.process_index() == 0:  # the last thing a start writes: the run now is this config
+        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    except BaseException:
+      manager.close()
+      if hasattr(train_iter, "close"):
+        train_iter.close()
+      raise
 
   jit_train, jit_eval = compile_steps(setup, config, mesh)
   total_steps = config.train.steps
@@ -176,6 +188,8 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
     try:
       while step < total_steps and not preempted:
         local_batch = next(train_iter)
+        if step == start_step:
+          killpoints.reached("train.compile")
         state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
         pending.append(metrics)
         step += 1
@@ -231,6 +245,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
     prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
     sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
                               top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+    killpoints.reached("sample")
     [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
                             sampling, mesh=mesh, seed=config.train.seed)
     if jax.process_index() == 0:

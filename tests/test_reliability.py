@@ -8,6 +8,7 @@ by step with the long one.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,28 @@ def test_sigkill_and_sigterm_resume_bit_identically(run_config, tmp_path):
   assert f"start at step {preempted_at} of {killed_at}" in out
   # Every step, whether run once or again after the kill, has the unbroken run's exact loss.
   assert losses(workdir) == unbroken
+
+
+def test_quickstart_as_it_ships_resumes_exactly_after_sigkill_and_sigterm(tmp_path):
+  # The quickstart's own data options (row_shuffle 1024, stdlib source, val split): a checkpoint
+  # inside the first shuffle window once resumed to other batches. Only the length changes.
+  quickstart = os.path.join(REPO_ROOT, "configs", "quickstart.py")
+  args = ("--config.train.steps=30", "--config.train.log_every=1", "--config.train.eval_every=1000",
+          "--config.train.checkpoint_every=10", "--config.train.sample_prompt=",
+          "--config.train.progress=False", "--config.train.tensorboard=False")
+  unbroken = str(tmp_path / "unbroken")
+  code, _, err = finish(start_train(quickstart, unbroken, *args), timeout=600)
+  assert code == 0, err[-3000:]
+  expected = losses(unbroken)
+  for sig, stop_after in ((signal.SIGKILL, 23), (signal.SIGTERM, 13)):
+    workdir = str(tmp_path / f"run_{sig.name}")
+    # The tokenizer is deterministic; reusing it saves retraining it for each leg.
+    shutil.copytree(os.path.join(unbroken, "tokenizer"), os.path.join(workdir, "tokenizer"))
+    proc = start_train(quickstart, workdir, *args)
+    wait_for(proc, workdir, lambda r, n=stop_after: r[-1]["step"] >= n, timeout=600)
+    proc.send_signal(sig)
+    code, _, err = finish(proc, timeout=300)
+    assert code in (-signal.SIGKILL, PREEMPTED_EXIT_CODE), err[-2000:]
+    code, _, err = finish(start_train(quickstart, workdir, *args), timeout=600)
+    assert code == 0, err[-3000:]
+    assert losses(workdir) == expected, sig.name

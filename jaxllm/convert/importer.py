@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, killpoints
 from jaxllm.config import default_config
 from jaxllm.convert import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
@@ -163,12 +163,19 @@ def prepare_output(out_dir: str, overwrite: bool) -> str:
 
 
 def finish_output(tmp: str, out_dir: str) -> None:
-  """Swaps the complete temporary directory into place (the last step, so no half-written output)."""
-  if os.path.isdir(out_dir):
-    shutil.rmtree(out_dir)
-  elif os.path.exists(out_dir):
-    os.remove(out_dir)
+  """Swaps the complete temporary directory into place (the last step, so no half-written output).
+
+  An old output (--overwrite) is moved aside first and deleted last, so a crash at any moment
+  leaves either it or the new one complete under `out_dir`."""
+  killpoints.reached("convert.write")
+  old = None
+  if os.path.lexists(out_dir):
+    old = tmp + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out_dir, old)
   os.replace(tmp, out_dir)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
 
 
 def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32", overwrite: bool = False,

@@ -15,6 +15,7 @@ import grain
 import jax
 import ml_collections
 
+from jaxllm import killpoints
 from jaxllm.config import ConfigError
 from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
@@ -153,6 +154,7 @@ def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Cal
       if jax.process_index() == 0:
         # Written aside and renamed: other processes never load half a tokenizer directory.
         tokenizer.save_pretrained(f"{tok_dir}.tmp")
+        killpoints.reached("tokenizer.save")
         os.replace(f"{tok_dir}.tmp", tok_dir)
   if len(tokenizer) > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
