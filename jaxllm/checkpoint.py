@@ -17,9 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message says why and what to do."""
+from jaxllm.errors import CheckpointError
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
