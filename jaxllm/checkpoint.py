@@ -189,6 +189,9 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_run_config(path: str) -> dict:
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such directory; give a jaxllm workdir or a directory written "
+                          "by `python -m jaxllm.convert from-hf`.")
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{path}: no config.json; expected a jaxllm workdir or a directory written "

@@ -2,7 +2,7 @@
 
 Commands (train, bench, generate, convert, tokenizer, fill_mask) parse their flags with
 `ArgumentParser` or, for those that take `--config`, `define_config_flag` + `parse_flags`,
-and run their work inside `user_errors()`. A bad flag, an unknown or ill-typed config key, a
+and run their work through `run_command`. A bad flag, an unknown or ill-typed config key, a
 missing path and every `jaxllm.errors.UserError` end the same way; anything else is a bug and
 keeps its traceback. This module imports no command and nothing heavy (no JAX).
 """
@@ -10,36 +10,45 @@ keeps its traceback. This module imports no command and nothing heavy (no JAX).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import re
 import sys
-from typing import Iterator, NoReturn
+from typing import Callable, NoReturn
 
 from jaxllm.errors import USER_ERRORS
 
 USAGE_EXIT_CODE = 2
 
 __all__ = ["ArgumentParser", "USAGE_EXIT_CODE", "USER_ERRORS", "define_config_flag", "fail",
-           "parse_flags", "user_errors"]
+           "parse_flags", "report", "run_command"]
 
 
-def fail(message: str) -> NoReturn:
-  """The one line a user sees for a problem they can fix; exit status 2."""
-  print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+def report(problem: object) -> None:
+  """Prints the one line a user sees for a problem they can fix (a message or a user error)."""
+  print(f"error: {one_line(problem)}", file=sys.stderr, flush=True)
+
+
+def fail(problem: object) -> NoReturn:
+  """`report`, then exit status 2: for problems found while parsing flags."""
+  report(problem)
   sys.exit(USAGE_EXIT_CODE)
 
 
-def one_line(message: object) -> str:
-  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-  return " ".join(lines) or type(message).__name__
+def run_command(work: Callable[[], object]) -> int:
+  """Runs a command's work; returns its exit status: 0, or 2 after the `error:` line of a user error.
 
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-  """Turns a user error raised inside the block into its `error:` line and exit status 2."""
+  Every command's main returns this (the `__main__` block passes it to sys.exit).
+  """
   try:
-    yield
+    work()
   except USER_ERRORS as e:
-    fail(one_line(e) if str(e) else type(e).__name__)
+    report(e)
+    return USAGE_EXIT_CODE
+  return 0
+
+
+def one_line(problem: object) -> str:
+  lines = [line.strip() for line in str(problem).splitlines() if line.strip()]
+  return " ".join(lines) or type(problem).__name__
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -63,7 +72,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   A missing config file, an unknown flag or config key and a value of the wrong type each
   become one `error:` line.
   """
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  app.define_help_flags()  # --help, --helpfull: absl defines them in app.run, which comes later
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
@@ -76,8 +86,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     # an unknown key, ValueError/TypeError for a bad value); all are the user's to fix.
     if isinstance(e, (AttributeError, KeyError)):
       fail(_unknown_key_message(e, argv))
-    fail(f"bad command line: {one_line(e)}")
+    text = one_line(e)
+    required = re.search(r"Flag (--\w+) must have a value other than None", text)
+    if required:
+      text = f"{required.group(1)} is required"
+    fail(f"bad command line: {text}; see `{_prog(argv)} --help`.")
   return rest
+
+
+def _prog(argv: list[str]) -> str:
+  """How the running command was called: `python -m jaxllm.bench` rather than .../bench.py."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  return f"python -m {spec.name}" if spec and spec.name else (argv[0] if argv else "the command")
 
 
 def _unknown_key_message(e: BaseException, argv: list[str]) -> str:
