@@ -299,14 +299,24 @@ def cli():
   flags.DEFINE_integer("devices", 0, "Simulate this many CPU devices (set before JAX starts).")
   flags.mark_flags_as_required(["config"])
   argv = _normalize_argv(sys.argv)
-  parse_flags(argv)
-  devices = flags.FLAGS.devices
-  if devices:
-    # XLA reads this when the backend starts, which is after flag parsing: still in time.
+  devices = _flag_value(argv, "devices")
+  if devices and devices.isdigit() and int(devices):
+    # Before parse_flags: loading the config file imports JAX, which reads JAX_PLATFORMS then;
+    # XLA reads XLA_FLAGS when the backend starts, later still. A bad value is parse_flags' to report.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={int(devices)}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  parse_flags(argv)
   app.run(main, argv=argv, flags_parser=lambda argv: argv)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
 
 
 if __name__ == "__main__":
