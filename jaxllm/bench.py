@@ -26,6 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxllm.cli import define_config_flag, parse_flags, run_command
+from jaxllm.errors import ConfigError
+
 REMAT_CHOICES = ("none", "dots", "full")
 MATMUL_SIZE = 2048
 PAUSE_S = 0.2  # between timed steps of different frameworks, so idle OpenMP/Eigen workers settle
@@ -87,8 +90,7 @@ def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxllm.config import validate  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import batch_sharding, make_global_batch  # pylint: disable=import-outside-toplevel
-  from jaxllm.state import make_setup  # pylint: disable=import-outside-toplevel
-  from jaxllm.train import compile_steps  # pylint: disable=import-outside-toplevel
+  from jaxllm.state import compile_steps, make_setup  # pylint: disable=import-outside-toplevel
 
   config = config.copy_and_resolve_references()
   config.model.remat = remat
@@ -122,10 +124,10 @@ def hf_gpt2_step(model_cfg: Any, config: Any) -> tuple[Row, Callable[[], None]]:
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import GPT2Config, GPT2LMHeadModel  # pylint: disable=import-outside-toplevel
   if (model_cfg.norm, model_cfg.position, model_cfg.activation) != ("layernorm", "learned", "gelu_tanh"):
-    raise ValueError("--compare-hf builds a GPT-2; the config's model is not GPT-2 shaped "
+    raise ConfigError("--compare-hf builds a GPT-2; the config's model is not GPT-2 shaped "
                      "(norm=layernorm, position=learned, activation=gelu_tanh).")
   if model_cfg.dtype != "float32":
-    raise ValueError(f"--compare-hf runs PyTorch in float32; set --config.model.dtype=float32 "
+    raise ConfigError(f"--compare-hf runs PyTorch in float32; set --config.model.dtype=float32 "
                      f"(got {model_cfg.dtype}).")
   torch.manual_seed(0)
   hf_cfg = GPT2Config(vocab_size=model_cfg.vocab_size, n_positions=model_cfg.max_seq_len,
@@ -268,30 +270,27 @@ def _normalize_argv(argv: list[str]) -> list[str]:
   return out
 
 
-def main(argv):
+def main(argv) -> int:
   del argv
+  return run_command(_bench)
+
+
+def _bench() -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from jaxllm.train import USER_ERRORS  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   remats = [r.strip() for r in f.remat.split(",") if r.strip()]
   bad = [r for r in remats if r not in REMAT_CHOICES]
-  try:
-    if bad or not remats:
-      raise ValueError(f"--remat={f.remat!r}: use a comma list of {', '.join(REMAT_CHOICES)}.")
-    if f.steps <= 0 or f.warmup < 0:
-      raise ValueError(f"--steps={f.steps} must be positive and --warmup={f.warmup} not negative.")
-    print(run(f.config, steps=f.steps, warmup=f.warmup, remats=remats, compare_hf=f.compare_hf,
-              memory_only=f.memory_only), flush=True)
-  except (ValueError, *USER_ERRORS) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  if bad or not remats:
+    raise ConfigError(f"--remat={f.remat!r}: use a comma list of {', '.join(REMAT_CHOICES)}.")
+  if f.steps <= 0 or f.warmup < 0:
+    raise ConfigError(f"--steps={f.steps} must be positive and --warmup={f.warmup} not negative.")
+  print(run(f.config, steps=f.steps, warmup=f.warmup, remats=remats, compare_hf=f.compare_hf,
+            memory_only=f.memory_only), flush=True)
 
 
 def cli():
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
-                                  lock_config=True)
+  define_config_flag()
   flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
   flags.DEFINE_integer("warmup", 2, "Untimed steps per variant first.")
   flags.DEFINE_string("remat", "none", "Comma list of remat policies to compare: none,dots,full.")
@@ -301,12 +300,14 @@ def cli():
   flags.mark_flags_as_required(["config"])
   argv = _normalize_argv(sys.argv)
   devices = _flag_value(argv, "devices")
-  if devices:
-    # XLA reads this when the backend starts, which is after flag parsing: still in time.
+  if devices and devices.isdigit() and int(devices):
+    # Before parse_flags: loading the config file imports JAX, which reads JAX_PLATFORMS then;
+    # XLA reads XLA_FLAGS when the backend starts, later still. A bad value is parse_flags' to report.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={int(devices)}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  app.run(main, argv=argv)
+  parse_flags(argv)
+  app.run(main, argv=argv, flags_parser=lambda argv: argv)
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -18,10 +18,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jaxllm import killpoints
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be used; the message says why and what to do."""
+from jaxllm.errors import CheckpointError
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -249,6 +246,9 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_run_config(path: str) -> dict:
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no such directory; give a jaxllm workdir or a directory written "
+                          "by `python -m jaxllm.convert from-hf`.")
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise CheckpointError(f"{path}: no config.json; expected a jaxllm workdir or a directory written "

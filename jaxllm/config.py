@@ -6,6 +6,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxllm.errors import ConfigError
 from jaxllm.models.config import ModelConfig
 
 
@@ -95,10 +96,6 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   return c
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work."""
 
 
 def validate(config: Any, num_devices: int) -> ModelConfig:

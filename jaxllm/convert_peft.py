@@ -21,6 +21,8 @@ import sys
 import numpy as np
 
 from jaxllm import checkpoint, peft
+from jaxllm.cli import ArgumentParser, run_command
+from jaxllm.errors import ConvertError
 from jaxllm.models import ModelConfig, abstract_params
 
 
@@ -28,7 +30,7 @@ def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> Non
   run_config = checkpoint.read_run_config(run_dir)
   model_cfg = ModelConfig.from_config(run_config["model"])
   if not model_cfg.num_virtual_tokens:
-    raise ValueError(f"{run_dir}: model.num_virtual_tokens is 0; not a prompt-tuning run.")
+    raise ConvertError(f"{run_dir}: model.num_virtual_tokens is 0; not a prompt-tuning run.")
   model = abstract_params(model_cfg)
   params = checkpoint.load_params(run_dir, {"prompt": model["prompt"]}, expected=model)
   train_cfg = run_config.get("train", {})
@@ -43,8 +45,8 @@ def import_adapter(adapter_dir: str, base_dir: str, out_dir: str) -> None:
   base_config = checkpoint.read_run_config(base_dir)
   d_model = base_config["model"]["d_model"]
   if prompt.shape[1] != d_model:
-    raise ValueError(f"{adapter_dir}: token_dim={prompt.shape[1]} does not match the base model's "
-                     f"d_model={d_model} ({base_dir}); use the adapter's own base model.")
+    raise ConvertError(f"{adapter_dir}: token_dim={prompt.shape[1]} does not match the base model's "
+                       f"d_model={d_model} ({base_dir}); use the adapter's own base model.")
   run_config = copy.deepcopy(base_config)
   run_config["model"]["num_virtual_tokens"] = int(prompt.shape[0])
   run_config["init_from"] = os.path.abspath(base_dir)
@@ -57,8 +59,8 @@ def import_adapter(adapter_dir: str, base_dir: str, out_dir: str) -> None:
     shutil.copytree(base_tokenizer, os.path.join(out_dir, "tokenizer"))
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.convert_peft", description=__doc__,
+def main(argv: list[str] | None = None, prog: str = "python -m jaxllm.convert_peft") -> int:
+  parser = ArgumentParser(prog=prog, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   to = sub.add_parser("to-peft", help="a jaxllm prompt-tuning run -> PEFT adapter directory")
@@ -71,16 +73,15 @@ def main(argv: list[str] | None = None) -> int:
   frm.add_argument("--base", required=True, help="jaxllm model directory of the base model")
   frm.add_argument("--out", required=True, help="run directory to write")
   args = parser.parse_args(argv)
-  try:
-    if args.command == "to-peft":
-      export_run(args.run, args.out, args.base_model)
-    else:
-      import_adapter(args.adapter, args.base, args.out)
-  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+  return run_command(lambda: _convert_peft(args))
+
+
+def _convert_peft(args: argparse.Namespace) -> None:
+  if args.command == "to-peft":
+    export_run(args.run, args.out, args.base_model)
+  else:
+    import_adapter(args.adapter, args.base, args.out)
   print(f"wrote {args.out}")
-  return 0
 
 
 if __name__ == "__main__":

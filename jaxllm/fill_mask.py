@@ -8,25 +8,27 @@ from-hf` from a BertForMaskedLM): config.json, tokenizer/, checkpoints/<step>/st
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxllm.cli import ArgumentParser, run_command
+from jaxllm.errors import GenerationError
+
 
 def fill_mask(model: Any, params: Any, tokenizer: Any, text: str, top_k: int = 5
               ) -> list[list[tuple[str, float]]]:
   """For each [MASK] in `text` (in order), the `top_k` (token, probability) pairs."""
   if tokenizer.mask_token is None:
-    raise ValueError("the tokenizer has no mask token; fill-mask needs a BERT (WordPiece) tokenizer.")
+    raise GenerationError("the tokenizer has no mask token; fill-mask needs a BERT (WordPiece) tokenizer.")
   ids = tokenizer(text)["input_ids"]   # with [CLS] ... [SEP], as in pretraining
   positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
   if not positions:
-    raise ValueError(f"the text has no {tokenizer.mask_token}; put one where a word should be filled in.")
+    raise GenerationError(f"the text has no {tokenizer.mask_token}; put one where a word should be filled in.")
   if len(ids) > model.cfg.max_seq_len:
-    raise ValueError(f"the text is {len(ids)} tokens; this model reads at most {model.cfg.max_seq_len}.")
+    raise GenerationError(f"the text is {len(ids)} tokens; this model reads at most {model.cfg.max_seq_len}.")
   logits = model.apply({"params": params}, np.asarray([ids], np.int32))[0]
   probs = np.asarray(jax.nn.softmax(logits[np.asarray(positions)], axis=-1))  # [masks, vocab]
   results = []
@@ -36,8 +38,8 @@ def fill_mask(model: Any, params: Any, tokenizer: Any, text: str, top_k: int = 5
   return results
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.fill_mask", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+  parser = ArgumentParser(prog="python -m jaxllm.fill_mask", description=__doc__.split("\n")[0])
   parser.add_argument("--checkpoint", required=True, help="model directory (training workdir)")
   parser.add_argument("--top-k", type=int, default=5)
   parser.add_argument("--tokenizer", default="", help="tokenizer directory (default CHECKPOINT/tokenizer)")
@@ -45,30 +47,29 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.ERROR)  # orbax notes about checkpoint metadata are not for this output
+  return run_command(lambda: _fill_mask_cmd(args))
+
+
+def _fill_mask_cmd(args) -> None:
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
   from jaxllm.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from jaxllm.train import USER_ERRORS  # pylint: disable=import-outside-toplevel
-  try:
-    model_cfg, params, tokenizer = checkpoint.load_model_dir(args.checkpoint)
-    if model_cfg.family != "bert":
-      raise ValueError(f"{args.checkpoint} holds a model.family={model_cfg.family!r} model; "
-                       "fill-mask needs a BERT (model.family='bert').")
-    tok_dir = args.tokenizer or checkpoint.read_run_config(args.checkpoint).get("data", {}).get("tokenizer", "")
-    if args.tokenizer or tokenizer is None:
-      if not tok_dir:
-        raise FileNotFoundError(f"{args.checkpoint} has no tokenizer/ directory; pass --tokenizer DIR.")
-      tokenizer = load_tokenizer(tok_dir)
-    model = build_model(model_cfg)
-    for text in args.texts:
-      fills = fill_mask(model, params, tokenizer, text, args.top_k)
-      print(text)
-      for number, candidates in enumerate(fills, 1):
-        print(f"  [MASK] {number}: " + "  ".join(f"{tok} {p:.3f}" for tok, p in candidates))
-  except (*USER_ERRORS, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  model_cfg, params, tokenizer = checkpoint.load_model_dir(args.checkpoint)
+  if model_cfg.family != "bert":
+    raise GenerationError(f"{args.checkpoint} holds a model.family={model_cfg.family!r} model; "
+                          "fill-mask needs a BERT (model.family='bert').")
+  tok_dir = args.tokenizer or checkpoint.read_run_config(args.checkpoint).get("data", {}).get("tokenizer", "")
+  if args.tokenizer or tokenizer is None:
+    if not tok_dir:
+      raise FileNotFoundError(f"{args.checkpoint} has no tokenizer/ directory; pass --tokenizer DIR.")
+    tokenizer = load_tokenizer(tok_dir)
+  model = build_model(model_cfg)
+  for text in args.texts:
+    fills = fill_mask(model, params, tokenizer, text, args.top_k)
+    print(text)
+    for number, candidates in enumerate(fills, 1):
+      print(f"  [MASK] {number}: " + "  ".join(f"{tok} {p:.3f}" for tok, p in candidates))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,14 +22,15 @@ import ml_collections
 import numpy as np
 
 from jaxllm.checkpoint import load_model_dir
+from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
 from jaxllm.models import GPT, ModelConfig
 from jaxllm.sampling import GenerationError, SamplingConfig
 from jaxllm.sharding import logical_shardings, make_mesh
-from jaxllm.train import USER_ERRORS
+
 
 def _parse_args(argv: Sequence[str] | None):
-  p = argparse.ArgumentParser(prog="python -m jaxllm.generate",
+  p = ArgumentParser(prog="python -m jaxllm.generate",
                               description="Generate text from a jaxllm model directory.")
   p.add_argument("--checkpoint", help="model directory: a training workdir or one written by "
                  "`python -m jaxllm.convert from-hf`")
@@ -164,14 +164,9 @@ def bench(args) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(argv)
-  try:
-    if args.bench:
-      results = bench(args)
-      print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
-    else:
-      run_cli(args)
-  except USER_ERRORS + (GenerationError,) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+  return run_command(lambda: _print_bench(args) if args.bench else run_cli(args))
+
+
+def _print_bench(args) -> None:
+  print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in bench(args).items()))
 

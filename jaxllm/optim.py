@@ -14,6 +14,8 @@ from typing import Any
 import optax
 from flax import traverse_util
 
+from jaxllm.errors import ConfigError
+
 # Parameters whose path contains one of these never get weight decay: biases,
 # norm scales, soft prompts, and embeddings (decaying them hurts rare tokens) unless
 # optim.decay_embeddings.
@@ -68,8 +70,8 @@ def partition_params(params: Any, trainable_pattern: str | None) -> tuple[dict, 
   flat = traverse_util.flatten_dict(params)
   trainable = {k: v for k, v in flat.items() if regex.search(path_str(k))}
   if not trainable:
-    raise ValueError(f"train.trainable={trainable_pattern!r} matches no parameter; paths look like "
-                     f"{path_str(next(iter(flat)))!r}.")
+    raise ConfigError(f"train.trainable={trainable_pattern!r} matches no parameter; paths look like "
+                      f"{path_str(next(iter(flat)))!r}.")
   frozen = {k: v for k, v in flat.items() if k not in trainable}
   return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
 

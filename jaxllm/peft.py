@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint, optim
-from jaxllm.config import ConfigError
+from jaxllm.errors import ConfigError, ConvertError
 from jaxllm.models import ModelConfig
 
 PROMPT_PATH = ("prompt", "embedding")
@@ -162,8 +162,8 @@ def to_peft(prompt: np.ndarray, out_dir: str, model_cfg: ModelConfig, *,
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   prompt = np.asarray(prompt, np.float32)
   if prompt.shape != (model_cfg.num_virtual_tokens, model_cfg.d_model):
-    raise ValueError(f"prompt shape {prompt.shape} does not match num_virtual_tokens="
-                     f"{model_cfg.num_virtual_tokens} x d_model={model_cfg.d_model}.")
+    raise ConvertError(f"prompt shape {prompt.shape} does not match num_virtual_tokens="
+                       f"{model_cfg.num_virtual_tokens} x d_model={model_cfg.d_model}.")
   peft_config = {
       "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "inference_mode": True,
       "num_virtual_tokens": model_cfg.num_virtual_tokens, "token_dim": model_cfg.d_model,
@@ -183,27 +183,30 @@ def to_peft(prompt: np.ndarray, out_dir: str, model_cfg: ModelConfig, *,
 def from_peft(adapter_dir: str) -> tuple[np.ndarray, dict]:
   """(prompt [num_virtual_tokens, d_model] float32, adapter config) from a PEFT adapter directory."""
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(adapter_dir):
+    raise FileNotFoundError(f"{adapter_dir}: no such directory; give a PEFT adapter directory "
+                            f"({PEFT_CONFIG} + {PEFT_WEIGHTS}).")
   config_path = os.path.join(adapter_dir, PEFT_CONFIG)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{adapter_dir}: no {PEFT_CONFIG}; not a PEFT adapter directory.")
   with open(config_path, encoding="utf-8") as f:
     peft_config = json.load(f)
   if peft_config.get("peft_type") != "PROMPT_TUNING":
-    raise ValueError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING "
-                     "adapters are supported.")
+    raise ConvertError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING "
+                       "adapters are supported.")
   weights = os.path.join(adapter_dir, PEFT_WEIGHTS)
   if not os.path.isfile(weights):
     raise FileNotFoundError(f"{adapter_dir}: no {PEFT_WEIGHTS} (adapters saved as .bin need "
                             "`save_pretrained(safe_serialization=True)`).")
   tensors = load_file(weights)
   if PEFT_KEY not in tensors:
-    raise ValueError(f"{weights}: no {PEFT_KEY!r} tensor (has {sorted(tensors)}).")
+    raise ConvertError(f"{weights}: no {PEFT_KEY!r} tensor (has {sorted(tensors)}).")
   prompt = tensors[PEFT_KEY].astype(np.float32)
   expected = (peft_config["num_virtual_tokens"] * (peft_config.get("num_transformer_submodules") or 1),
               peft_config["token_dim"])
   if prompt.shape != expected:
-    raise ValueError(f"{weights}: {PEFT_KEY} has shape {prompt.shape}, config says {expected}.")
+    raise ConvertError(f"{weights}: {PEFT_KEY} has shape {prompt.shape}, config says {expected}.")
   if (peft_config.get("num_transformer_submodules") or 1) != 1:
-    raise ValueError(f"{config_path}: num_transformer_submodules="
-                     f"{peft_config['num_transformer_submodules']}; only decoder-only (1) is supported.")
+    raise ConvertError(f"{config_path}: num_transformer_submodules="
+                       f"{peft_config['num_transformer_submodules']}; only decoder-only (1) is supported.")
   return prompt, peft_config

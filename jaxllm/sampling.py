@@ -13,11 +13,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import GenerationError
+
 Array = jax.Array
-
-
-class GenerationError(ValueError):
-  """A generation request that cannot work; the message says which value and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

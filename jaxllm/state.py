@@ -1,4 +1,4 @@
-"""Builds the model, optimizer and sharded train state from a config.
+"""Builds the model, optimizer and sharded train state from a config, and the jitted steps.
 
 The state's shardings come from the parameters' logical axis names; it is born
 sharded (jit with out_shardings), so no host ever holds a full copy.
@@ -7,6 +7,7 @@ sharded (jit with out_shardings), so no host ever holds a full copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import optax
 from jaxllm import faults, optim
 from jaxllm.models import ModelConfig, build_model
 from jaxllm.sharding import logical_shardings, replicated
-from jaxllm.step import Batch, TrainState
+from jaxllm.step import Batch, TrainState, eval_step, train_step
 
 
 @dataclasses.dataclass
@@ -106,3 +107,19 @@ def param_shardings_of(setup: Setup) -> Any:
 
 def abstract_params_of(setup: Setup) -> Any:
   return optim.merge_params(setup.abstract_state.params, setup.abstract_state.frozen)
+
+
+def compile_steps(setup: Setup, config: Any, mesh: jax.sharding.Mesh):
+  """The train step (state donated) and eval step of `setup`, jitted once with explicit shardings.
+
+  The trainer and the benchmark run these same functions.
+  """
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
+                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh)
+  jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
+                      out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
+  jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),
+                     in_shardings=(setup.state_shardings, batch_sharding),
+                     out_shardings=replicated(mesh))
+  return jit_train, jit_eval

@@ -23,6 +23,9 @@ from typing import Any, Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from jaxllm.cli import ArgumentParser, fail, run_command
+from jaxllm.errors import ConfigError
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 # BERT's special tokens, in the order they get ids 0..4.
@@ -121,19 +124,19 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, *, round_to: i
   """Trains a `kind` ('bpe' | 'wordpiece') tokenizer of `vocab_size` rounded up to `round_to`
   (1 = as given), with its special tokens and, if asked, chat role tokens and a chat template."""
   if vocab_size <= 0:
-    raise ValueError(f"--vocab-size={vocab_size} must be positive.")
+    raise ConfigError(f"--vocab-size={vocab_size} must be positive.")
   target = round_up(vocab_size, max(round_to, 1))
   roles = CHAT_ROLE_TOKENS if chat_roles else ()
   if kind == "bpe":
     if target < 256 + 3 + len(roles):
-      raise ValueError(f"a byte-level BPE needs a vocabulary of at least {256 + 3 + len(roles)} "
-                       f"(256 bytes plus special tokens), got {target}; raise --vocab-size.")
+      raise ConfigError(f"a byte-level BPE needs a vocabulary of at least {256 + 3 + len(roles)} "
+                        f"(256 bytes plus special tokens), got {target}; raise --vocab-size.")
     tokenizer = train_bpe(texts, target, (eos_token, *roles), min_frequency,
                           bos_token=bos_token, pad_token=pad_token)
   elif kind == "wordpiece":
     tokenizer = train_wordpiece(texts, target, min_frequency, lowercase, roles)
   else:
-    raise ValueError(f"--kind={kind!r} is not known; use 'bpe' or 'wordpiece'.")
+    raise ConfigError(f"--kind={kind!r} is not known; use 'bpe' or 'wordpiece'.")
   if roles:
     tokenizer.chat_template = CHAT_TEMPLATE
   # The size is then exactly `target` (a multiple of `round_to`), so the embedding shards evenly.
@@ -145,7 +148,11 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"tokenizer {path!r}: no such directory; give a Hugging Face tokenizer "
                             "directory (tokenizer.json) or leave data.tokenizer empty to train one.")
-  return AutoTokenizer.from_pretrained(path)
+  try:
+    return AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError) as e:  # transformers' words for "no tokenizer here"
+    detail = " ".join(str(e).split())[:300]
+    raise ConfigError(f"tokenizer {path!r}: not a Hugging Face tokenizer directory ({detail}).") from e
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: str, info: dict[str, Any] | None = None,
@@ -192,17 +199,13 @@ STREAM_DEFAULT_CHARS = 20_000_000  # a stream has no end: read this much unless 
 def documents_from_args(args: argparse.Namespace) -> list[str]:
   """Documents of the source the arguments describe, read as the input pipeline reads them
   (`load_documents`, or the `datasets` stream for source='hf' / --data streaming=true), capped."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataError, DataStats, load_documents  # pylint: disable=import-outside-toplevel
-  values = dict(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
-                max_chars=args.max_chars)
+  from jaxllm.data.sources import DataStats, load_documents  # pylint: disable=import-outside-toplevel
+  cfg = default_config().data
+  cfg.update(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
+             max_chars=args.max_chars)
   for item in args.data:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise DataError(f"--data {item!r}: expected KEY=VALUE, e.g. --data hf_split=train.")
-    values[key] = _parse_value(value)
-  cfg = ml_collections.ConfigDict(dict(default_config().data.to_dict(), **values))
+    set_data_key(cfg, item)
   if cfg.source == "hf" or cfg.get("streaming"):
     from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
     stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.get("on_bad_record", "skip")), seed=0,
@@ -217,11 +220,25 @@ def documents_from_args(args: argparse.Namespace) -> list[str]:
   return _cap_chars(docs, max_chars) if max_chars else list(docs)
 
 
-def _parse_value(value: str) -> Any:
+def set_data_key(cfg: Any, item: str) -> None:
+  """Applies one `--data KEY=VALUE` to the data config, checked as --config.data.KEY=VALUE is:
+  the key must exist and the value must have its type (JSON for non-strings: 3, true, 0.1)."""
+  key, sep, raw = item.partition("=")
+  if not sep:
+    raise ConfigError(f"--data {item!r}: expected KEY=VALUE, e.g. --data hf_split=train.")
+  if key not in cfg:
+    raise ConfigError(f"--data {item!r}: unknown config key data.{key}; the data keys are "
+                      f"{', '.join(sorted(cfg))}.")
+  old = cfg[key]
+  kinds = ((bool, "true or false"), (int, "an integer"), (float, "a number"), (str, "a string"))
+  kind = next((name for t, name in kinds if isinstance(old, t)), "a JSON object")
   try:
-    return json.loads(value)
-  except json.JSONDecodeError:
-    return value
+    value = raw if isinstance(old, str) else json.loads(raw)
+    if isinstance(value, bool) != isinstance(old, bool):  # ConfigDict takes True for an int
+      raise TypeError(kind)
+    cfg[key] = value
+  except (ValueError, TypeError) as e:  # not JSON, or JSON of another type than the default's
+    raise ConfigError(f"--data {item!r}: data.{key} takes {kind} (default {old!r}), got {raw!r}.") from e
 
 
 def _cap_chars(docs: Iterable[str], max_chars: int) -> list[str]:
@@ -262,7 +279,7 @@ def _analyze_cmd(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.tokenizer", description=__doc__.split("\n")[0])
+  parser = ArgumentParser(prog="python -m jaxllm.tokenizer", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train a tokenizer and save it as a Hugging Face directory")
   train.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe")
@@ -289,19 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-  from jaxllm.config import ConfigError  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataError  # pylint: disable=import-outside-toplevel
+def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.command == "analyze" and len(args.tokenizers) > 2:
-    print("error: analyze takes one or two tokenizers.", file=sys.stderr)
-    sys.exit(2)
-  try:
-    args.func(args)
-  except (ConfigError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(f"analyze takes one or two tokenizers, got {len(args.tokenizers)}.")
+  return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

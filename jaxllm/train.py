@@ -9,7 +9,6 @@ workdir if there is one, trains, evaluates, checkpoints and logs metrics.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -20,36 +19,21 @@ import numpy as np
 
 from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption
 from jaxllm import workdir as workdir_lib
-from jaxllm.config import ConfigError, validate
+from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
+from jaxllm.config import validate
 from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator, saved_position
 from jaxllm.data import sft
 from jaxllm.data.mlm import build_mlm_data
-from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
-from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
-from jaxllm.state import Setup, make_setup
-from jaxllm.step import eval_step, train_step
+from jaxllm.sharding import make_global_batch, make_mesh, replicated
+from jaxllm.state import Setup, compile_steps, make_setup
 
-USER_ERRORS = (ConfigError, MeshConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError,
-               OSError)  # OSError: a disk or path problem outside checkpoints (full, read-only, gone)
 # Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
 # preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
 DIVERGED_EXIT_CODE = 3
-
-
-def compile_steps(setup: Setup, config: Any, mesh):
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-  step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
-                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh)
-  jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
-                      out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
-  jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),
-                     in_shardings=(setup.state_shardings, batch_sharding),
-                     out_shardings=replicated(mesh))
-  return jit_train, jit_eval
 
 
 def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
@@ -274,36 +258,11 @@ def main(argv):
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
-def fail(message: str) -> None:
-  """The one line a user sees for a problem they can fix; exit status 2."""
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> None:
-  """Parses --config/--workdir/--config.x.y=v; a typo or bad value becomes one `error:` line."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).",
-                                  lock_config=True)
+def cli():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  define_config_flag()
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
   flags.mark_flags_as_required(["config", "workdir"])
-  try:
-    flags.FLAGS(argv)
-    flags.FLAGS.config.get("train")  # the config file loads lazily: surface its errors here
-  except OSError as e:
-    detail = [l.strip() for l in str(e).splitlines() if l.strip()]
-    fail(f"cannot load the config file given by --config: {detail[-1]}")
-  except Exception as e:  # pylint: disable=broad-except
-    # absl and ml_collections raise several types (flags.Error, AttributeError for an unknown
-    # key, ValueError/TypeError for a bad value); all are the user's to fix.
-    text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").split()).strip("'\"")
-    kind = "unknown config key" if isinstance(e, (AttributeError, KeyError)) else "bad command line"
-    fail(f"{kind}: {text}")
-
-
-def cli():
-  from absl import app  # pylint: disable=import-outside-toplevel
   parse_flags(sys.argv)
   app.run(main, argv=sys.argv, flags_parser=lambda argv: argv)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from jaxllm.config import ConfigError
+from jaxllm.errors import ConfigError
 
 # Model keys that say how to run a model, not what it is: a resumed run may change them.
 RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",

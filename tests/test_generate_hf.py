@@ -142,7 +142,7 @@ def test_cli_errors(converted, tmp_path, capsys):
   from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
   path = converted("gpt2")[1]
   cases = [
-      (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "no config.json"),
+      (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "no such directory"),
       (["--checkpoint", path], "no prompt"),
       (["--checkpoint", path, "--prompt-file", str(tmp_path / "missing.txt")], "no such file"),
       (["--checkpoint", path, "--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),

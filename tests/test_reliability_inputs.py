@@ -1,10 +1,10 @@
 """Bad input stops a run with one clear line and damages no checkpoint.
 
 Each case goes through `train.run` (what the CLI calls) and must raise one of
-`train.USER_ERRORS`, which the CLI prints as one `error: ...` line with exit status 2;
+`jaxllm.errors.USER_ERRORS`, which the CLI prints as one `error: ...` line with exit status 2;
 one case runs the real CLI to check exactly that. Disk problems use a real tmpfs
 (mounted read-only, or too small): tests run as root, where chmod does not stop writes.
-The config-typo case (`--config.train.stpes=3`) is tested in test_train.py.
+Bad flags and config keys, for every command, are tested in test_cli_errors.py.
 """
 
 import contextlib
@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from jaxllm import checkpoint, train
+from jaxllm.errors import USER_ERRORS
 from jaxllm.config import validate
 from jaxllm.sharding import make_mesh
 from jaxllm.state import make_setup
@@ -25,7 +26,7 @@ from tests.helpers import make_tiny_config, run_cli, write_corpus
 
 
 def expect_error(config, workdir, *fragments):
-  with pytest.raises(train.USER_ERRORS) as info:
+  with pytest.raises(USER_ERRORS) as info:
     train.run(config, str(workdir))
   message = str(info.value)
   assert "\n" not in message, message

@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
+from jaxllm.cli import ArgumentParser, run_command
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m jaxllm.convert",
+  parser = ArgumentParser(prog="python -m jaxllm.convert",
                                    description="Convert models between Hugging Face and jaxllm.")
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("from-hf", help="a local Hugging Face model directory -> a jaxllm model directory")
@@ -31,6 +33,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                  help="dtype of the written weights (default float32)")
   p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it is not empty")
+  # main hands these to jaxllm.convert_peft before parsing; listed here for --help and typos.
+  sub.add_parser("to-peft", help="a jaxllm prompt-tuning run -> a PEFT adapter directory", add_help=False)
+  sub.add_parser("from-peft", help="a PEFT prompt-tuning adapter -> a jaxllm run directory", add_help=False)
   return parser.parse_args(argv)
 
 
@@ -38,26 +43,24 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv[:1] in (["to-peft"], ["from-peft"]):  # PEFT adapters (prompt tuning) have their own module
     from jaxllm.convert_peft import main as peft_main  # pylint: disable=import-outside-toplevel
-    return peft_main(argv)
+    return peft_main(argv, prog="python -m jaxllm.convert")
   args = parse_args(argv)
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  from jaxllm.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
-  from jaxllm.convert import ConvertError, from_hf, to_hf  # pylint: disable=import-outside-toplevel
-  try:
-    if args.command == "from-hf":
-      cfg = from_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, overwrite=args.overwrite)
-      print(f"wrote {args.out_dir}: {cfg.num_params() / 1e6:.2f}M parameters "
-            f"({cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.position} positions)")
-    else:
-      arch = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, max_shard_size=args.max_shard_size,
-                   dtype=args.dtype, overwrite=args.overwrite)
-      print(f"wrote {args.hf_dir} as {arch.name} (load with transformers.{arch.auto_class})")
-  except (ConvertError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  return 0
+  return run_command(lambda: _convert(args))
+
+
+def _convert(args: argparse.Namespace) -> None:
+  from jaxllm.convert import from_hf, to_hf  # pylint: disable=import-outside-toplevel
+  if args.command == "from-hf":
+    cfg = from_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, overwrite=args.overwrite)
+    print(f"wrote {args.out_dir}: {cfg.num_params() / 1e6:.2f}M parameters "
+          f"({cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.position} positions)")
+  else:
+    arch = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, max_shard_size=args.max_shard_size,
+                 dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.hf_dir} as {arch.name} (load with transformers.{arch.auto_class})")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxllm.errors import ConvertError
 from jaxllm.models.config import ModelConfig
-
-
-class ConvertError(ValueError):
-  """A model, option or file the converter cannot handle; the message says which and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,9 +18,7 @@ import sysconfig
 import zlib
 from typing import Any, Iterator, Sequence
 
-
-class DataError(ValueError):
-  """Input data that cannot be used; the message names the file/record and the fix."""
+from jaxllm.errors import DataError
 
 
 class DataStats:
