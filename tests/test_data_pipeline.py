@@ -311,3 +311,18 @@ def test_a_per_process_position_refuses_another_process_count(tok):
     assert next(again) == next(hosts[h])
   with pytest.raises(DataError, match="saved by 2 processes and this run has 1.*run that many"):
     restore_iterator(iter(make(0, 1)), saved, 0, 1)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_a_position_saved_before_per_shard_positions_still_resumes(tok, num_shards):
+  from jaxllm.data import position  # pylint: disable=import-outside-toplevel
+  ds = lm_batches({"d": memory_documents(random_docs(60, seed=1), seed=0)}, spec_for(tok), 4,
+                  num_shards=num_shards, row_shuffle=8)
+  unbroken = iter(ds)
+  take(unbroken, 3)
+  shards = [unbroken.get_state()["shards"][str(s)] for s in range(num_shards)]
+  # What a single process saved then: format 2, its one shard's state or grain Zip's {"parents"}.
+  old = {"format": 2, "state": position.encode(shards[0] if num_shards == 1 else {"parents": shards})}
+  resumed = iter(ds)
+  restore_iterator(resumed, json.loads(json.dumps(old)))
+  assert_same(take(resumed, 4), take(unbroken, 4))
