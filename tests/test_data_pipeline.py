@@ -167,7 +167,8 @@ def test_saved_positions_round_trip_exactly():
   assert decoded == {"a": (-1, -1), "b": [(1, 2), {"c": 3}], "d": {0: "x", 2: (None,)}, "e": 1.5}
   assert type(decoded["a"]) is tuple and type(decoded["b"][0]) is tuple
   legacy = {"parent": {"remainder_slices": {"tokens": [-1, -1]}, "parent_state": {}}}
-  assert position.decode(json.loads(json.dumps(legacy)))["parent"]["remainder_slices"] == {"tokens": (-1, -1)}
+  restored = position.process_state(json.loads(json.dumps(legacy)), 0, 1)
+  assert restored["parent"]["remainder_slices"] == {"tokens": (-1, -1)}
 
 
 @pytest.mark.parametrize("packing", ["concat", "document"])
@@ -189,9 +190,12 @@ def test_a_position_from_another_pipeline_is_a_clear_error(tok):
   make = memory_documents(random_docs(50), seed=0)
   it = iter(lm_batches({"d": make}, spec_for(tok, "concat"), 4))
   next(it)
-  other = iter(lm_batches({"d": make}, spec_for(tok, "document"), 4, num_shards=2))
+  other = iter(lm_batches({"d": make}, spec_for(tok, "document"), 4))
   with pytest.raises(DataError, match="does not fit this data pipeline"):
-    restore_iterator(other, it.get_state())
+    restore_iterator(other, saved_position(it))
+  more_shards = iter(lm_batches({"d": make}, spec_for(tok, "concat"), 4, num_shards=2))
+  with pytest.raises(DataError, match="has 1 logical data shards but this run builds 2.*num_shards=1"):
+    restore_iterator(more_shards, saved_position(it))
 
 
 def test_stream_shuffles_file_order_per_epoch_and_splits_files_between_shards(tmp_path):
@@ -246,3 +250,79 @@ def test_a_tokenizer_error_surfaces_at_its_document():
   assert [next(it) for _ in range(5)] == [0, 10, 20, 30, 40]
   with pytest.raises(ValueError, match="bad record 5"):
     next(it)
+
+
+def job_position(iterators):
+  """What `saved_position` checkpoints for a job whose processes hold `iterators` (the gather simulated)."""
+  from jaxllm.data import position  # pylint: disable=import-outside-toplevel
+  parts = [json.loads(json.dumps(position.encode(it.get_state()))) for it in iterators]
+  return json.loads(json.dumps(position.job_position(iterators[0].get_state(), lambda _: parts, len(iterators))))
+
+
+def global_batches(iterators, n):
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*[take(it, n) for it in iterators])]
+
+
+def assert_elastic(make, k=5, m=4, changes=((2, 1), (2, 4), (1, 2))):
+  """make(process_index, process_count) -> that process's dataset. A position saved by 2 processes
+  resumes on 1 and 4, one saved by 1 resumes on 2, each with the batches of the unbroken job."""
+  for saved_by, resumed_by in changes:
+    unbroken = [iter(make(h, saved_by)) for h in range(saved_by)]
+    global_batches(unbroken, k)
+    saved = job_position(unbroken)
+    resumed = [iter(make(h, resumed_by)) for h in range(resumed_by)]
+    for h, it in enumerate(resumed):
+      restore_iterator(it, saved, h, resumed_by)
+    assert_same(global_batches(resumed, m), global_batches(unbroken, m))
+
+
+@pytest.mark.parametrize("packing", ["concat", "document"])
+def test_lm_position_resumes_on_another_process_count(tok, tmp_path, packing):
+  sources = {"a": memory_documents(random_docs(60, seed=1), seed=0),
+             "b": stream_fn(write_jsonl_files(str(tmp_path / "s"), 4, 7), seed=4, shuffle_buffer=5)}
+  assert_elastic(lambda h, n: lm_batches(sources, spec_for(tok, packing), 8, weights={"a": 2.0, "b": 1.0},
+                                         num_shards=4, process_index=h, process_count=n, prefetch=2,
+                                         row_shuffle=4))
+
+
+def test_windows_and_instruction_tuning_positions_resume_on_another_process_count():
+  from jaxllm.data import sft  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.windows import window_batches, window_rows  # pylint: disable=import-outside-toplevel
+  rows = window_rows(np.arange(500, dtype=np.int32), SEQ, seed=0)
+  assert_elastic(lambda h, n: window_batches(rows, 8, h, n))
+  rng = np.random.default_rng(0)
+  examples = [sft.Encoded(rng.integers(0, 50, n).astype(np.int32), np.ones(n, np.float32))
+              for n in rng.integers(3, 30, 80)]
+  # Padded: the width comes from the global batch, whatever the process count. (Each iterator's
+  # read-ahead threads cost a while here, so fewer changes.)
+  assert_elastic(lambda h, n: sft.sft_dataset(examples, 8, seq_len=32, bucket_batches=2, shard_index=h,
+                                              shard_count=n), changes=((2, 1), (1, 2)))
+
+
+def test_a_per_process_position_refuses_another_process_count(tok):
+  make = memory_documents(random_docs(60), seed=0)
+  hosts = [iter(make(h, 2)) for h in range(2)]  # a pipeline that deals documents to processes (masked-LM)
+  take(hosts[0], 3), take(hosts[1], 5)
+  saved = job_position(hosts)
+  for h in range(2):  # the same process count: each takes its own
+    again = iter(make(h, 2))
+    restore_iterator(again, saved, h, 2)
+    assert next(again) == next(hosts[h])
+  with pytest.raises(DataError, match="saved by 2 processes and this run has 1.*run that many"):
+    restore_iterator(iter(make(0, 1)), saved, 0, 1)
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_a_position_saved_before_per_shard_positions_still_resumes(tok, num_shards):
+  from jaxllm.data import position  # pylint: disable=import-outside-toplevel
+  ds = lm_batches({"d": memory_documents(random_docs(60, seed=1), seed=0)}, spec_for(tok), 4,
+                  num_shards=num_shards, row_shuffle=8)
+  unbroken = iter(ds)
+  take(unbroken, 3)
+  shards = [unbroken.get_state()["shards"][str(s)] for s in range(num_shards)]
+  # What a single process saved then: format 2, its one shard's state or grain Zip's {"parents"}.
+  old = {"format": 2, "state": position.encode(shards[0] if num_shards == 1 else {"parents": shards})}
+  resumed = iter(ds)
+  restore_iterator(resumed, json.loads(json.dumps(old)))
+  assert_same(take(resumed, 4), take(unbroken, 4))

@@ -1,5 +1,6 @@
 """The same training command as 2 jax.distributed processes (2 CPU devices each) equals 1 process with 4,
-and a SIGTERM to one of them stops both at the same step with a checkpoint.
+a SIGTERM to one of them stops both at the same step with a checkpoint, and that checkpoint resumes
+on 1 process (elastic resume).
 
 data.num_shards=2 in both runs makes the global batch independent of the process
 count: one process reads both logical shards, or each of two processes reads one.
@@ -66,6 +67,29 @@ def test_two_processes_match_one_process_and_stop_together(config_file, tmp_path
   assert code == 0, err[-3000:]
   assert "'data': 4" in out
   np.testing.assert_allclose(multi_loss, losses(single), rtol=1e-5)
+
+
+def test_two_process_checkpoint_resumes_on_one_process(config_file, tmp_path):
+  # Rows shuffled in windows that straddle the checkpoint, two logical shards (one per process at
+  # first): the single process must take each shard's position from the checkpoint.
+  shuffle, saved_at, total = "--config.data.row_shuffle=8", 5, 9
+  workdir = str(tmp_path / "elastic")
+  port = free_port()
+  procs = [start_train(config_file, workdir, shuffle, f"--config.train.steps={saved_at}", env=train_env(
+      devices=2, JAXLLM_COORDINATOR=f"127.0.0.1:{port}", JAXLLM_NUM_PROCESSES="2",
+      JAXLLM_PROCESS_ID=str(i))) for i in range(2)]
+  for i, (code, _, err) in enumerate(finish(p, timeout=300) for p in procs):
+    assert code == 0, f"process {i}: {err[-3000:]}"
+  code, out, err = finish(start_train(config_file, workdir, shuffle, f"--config.train.steps={total}",
+                                      env=train_env(devices=4)))
+  assert code == 0, err[-3000:]
+  assert f"start at step {saved_at} of {total}" in out
+
+  unbroken = str(tmp_path / "unbroken")
+  code, _, err = finish(start_train(config_file, unbroken, shuffle, f"--config.train.steps={total}",
+                                    env=train_env(devices=4)))
+  assert code == 0, err[-3000:]
+  np.testing.assert_allclose(losses(workdir), losses(unbroken), rtol=1e-5)
 
 
 def test_incomplete_or_bad_environment_is_a_config_error():

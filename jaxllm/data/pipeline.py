@@ -6,21 +6,26 @@ Per logical data shard and per source:
   tokenize in batches + EOS -> pack into rows (packing.py)
 then the sources are mixed by weight (rows, so weights are shares of tokens) and
 batched to batch_size / num_shards rows. A host concatenates its shards' batches
-(`host_shards`) and prefetches in a background thread.
+(`host_shards`, `HostShardsIterDataset`) and prefetches in a background thread.
 
 The global batch depends only on the config: with `num_shards` logical shards,
 one process building all of them yields exactly the rows that N processes yield
 together, in the same order (host h holds a contiguous run of shards). Every
 stage's iterator state is JSON, saved in the training checkpoint, so a resumed
-run sees exactly the batches an unbroken run would have seen.
+run sees exactly the batches an unbroken run would have seen. A host's position
+is kept per logical shard and the checkpoint gathers every host's shards
+(`saved_position`), so a run resumes on any process count that divides num_shards.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from typing import Any, Callable, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from jaxllm.data import position
@@ -81,8 +86,77 @@ def host_shards(num_shards: int, process_index: int, process_count: int) -> rang
   return range(process_index * per_host, (process_index + 1) * per_host)
 
 
-def _concat_batches(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+def _concat_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+class HostShardsIterDataset(grain.IterDataset):
+  """This host's logical shards' batches, concatenated in shard order (one batch from each).
+
+  Its position is kept per logical shard, {"num_shards": N, "shards": {"s": shard s's state}},
+  so that the checkpoint can hold every shard of every host and any process count that divides
+  N can take its own shards from it (a process count grain's ZipIterDataset, whose state is a
+  list of this host's parents, cannot change)."""
+
+  def __init__(self, shards: dict[int, grain.IterDataset], num_shards: int):
+    super().__init__(list(shards.values()))
+    self._shards, self._num_shards = shards, num_shards
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _HostShardsIterator({s: ds.__iter__() for s, ds in self._shards.items()}, self._num_shards)
+
+
+class _HostShardsIterator(grain.DatasetIterator):
+
+  def __init__(self, shards: dict[int, grain.DatasetIterator], num_shards: int):
+    super().__init__(list(shards.values()))
+    self._shards, self._num_shards = shards, num_shards
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batches = [next(it) for it in self._shards.values()]  # ends with the shortest shard, as zip does
+    return batches[0] if len(batches) == 1 else _concat_batches(batches)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"num_shards": self._num_shards,
+            "shards": {str(s): copy.deepcopy(it.get_state()) for s, it in self._shards.items()}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if "shards" in state:
+      if state["num_shards"] != self._num_shards:
+        raise DataError(
+            f"the checkpoint's data position has {state['num_shards']} logical data shards but this run "
+            f"builds {self._num_shards} (data.num_shards=0 means one per process); resume with "
+            f"--config.data.num_shards={state['num_shards']} (on a process count that divides it), or "
+            "start in a fresh --workdir.")
+      saved = state["shards"]
+    else:  # written before positions were kept per shard: this host's shards in order (Zip's parents)
+      parts = state["parents"] if len(self._shards) > 1 else [state]
+      if len(parts) != len(self._shards):
+        raise ValueError(f"{len(parts)} shard positions for {len(self._shards)} shards")
+      saved = dict(zip(map(str, self._shards), parts))
+    for s, it in self._shards.items():
+      it.set_state(saved[str(s)])
+
+
+class GlobalPositionIterDataset(grain.IterDataset):
+  """Marks a dataset whose position is the same on every process and means the same global batch
+  for any process count (it counts global batches); the checkpoint stores it once."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _GlobalPositionIterator(self._parent.__iter__())
+
+
+class _GlobalPositionIterator(grain.DatasetIterator):
+
+  def __next__(self) -> Any:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"global": copy.deepcopy(self._parent.get_state())}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    # A checkpoint written before the mark holds the parent's state itself.
+    self._parent.set_state(state["global"] if "global" in state else state)
 
 
 def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int, *,
@@ -98,7 +172,7 @@ def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int,
     raise ValueError(f"train.batch_size={batch_size} is not divisible by data.num_shards={num_shards}.")
   rows_per_shard = batch_size // num_shards
   weights = weights or {name: 1.0 for name in sources}
-  shard_batches = []
+  shard_batches = {}
   for s in host_shards(num_shards, process_index, process_count):
     rows = shard_rows(sources, weights, spec, s, num_shards)
     if row_shuffle > 1:
@@ -106,11 +180,8 @@ def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int,
       # one file from filling whole batches (the ConstantLengthDataset + shuffle-buffer recipe).
       rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=row_shuffle,
                                                          seed=spec.seed * 7_919 + s)
-    shard_batches.append(rows.batch(rows_per_shard, drop_remainder=drop_remainder))
-  if len(shard_batches) == 1:
-    batches = shard_batches[0]
-  else:
-    batches = grain.experimental.ZipIterDataset(shard_batches, strict=False).map(_concat_batches)
+    shard_batches[s] = rows.batch(rows_per_shard, drop_remainder=drop_remainder)
+  batches = HostShardsIterDataset(shard_batches, num_shards)
   if prefetch > 0:
     # A background thread keeps `prefetch` batches ready; its state is that of the last batch handed out.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
@@ -130,19 +201,39 @@ def lm_dataset(docs: Sequence[str], tokenizer: Any, eos_id: int, seq_len: int, b
 
 
 def saved_position(iterator: grain.DatasetIterator) -> dict:
-  """The iterator's position as a checkpoint stores it (JSON; see data/position.py)."""
-  return position.encode(iterator.get_state())
+  """The whole job's input position as a checkpoint stores it (JSON; see data/position.py).
+
+  With several processes every one must call it (at the same step): it gathers their positions."""
+  gather = _allgather_json if jax.process_count() > 1 else lambda value: [value]
+  return position.job_position(iterator.get_state(), gather, jax.process_count())
 
 
-def restore_iterator(iterator: grain.DatasetIterator, saved: dict) -> None:
-  """Puts a fresh iterator at a checkpointed position (`saved_position`'s value, or a raw state);
-  a state saved by a different pipeline is an error."""
+def restore_iterator(iterator: grain.DatasetIterator, saved: dict, process_index: int | None = None,
+                     process_count: int | None = None) -> None:
+  """Puts a fresh iterator at a checkpointed position (`saved_position`'s value, or an older
+  checkpoint's state); a state saved by a different pipeline is an error."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   try:
-    iterator.set_state(position.decode(saved))
+    iterator.set_state(position.process_state(saved, process_index, process_count))
+  except DataError:
+    raise
   except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
     raise DataError(f"the checkpoint's data position does not fit this data pipeline ({type(e).__name__}: "
                     f"{str(e)[:120]}); resume with the data config it was saved with (sources, packing, "
                     "num_shards, prefetch) or start in a fresh --workdir.") from e
+
+
+def _allgather_json(value: Any) -> list[Any]:
+  """`value` (JSON) from every process, in process order; a collective every process must enter."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int32))
+  width = -(-int(sizes.max()) // 4096) * 4096  # few distinct shapes: each one compiles once
+  padded = np.zeros(width, np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:int(n)]).decode("utf-8")) for row, n in zip(rows, sizes.reshape(-1))]
 
 
 def take_batches(dataset: grain.IterDataset, num_batches: int) -> list[dict[str, np.ndarray]]:

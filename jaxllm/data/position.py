@@ -8,29 +8,75 @@ remainder, above all the not-yet-started position that a shuffle window (or a
 fresh shard) restores to. So tuples (and anything else JSON would change) are
 tagged on the way out and rebuilt on the way in: `decode(encode(s)) == s`, types
 included, for every state our pipelines produce.
+
+A job of several processes has one position per process. The checkpoint (written
+by process 0 alone) holds all of them, in one of three shapes (`job_position`):
+  {"num_shards": N, "shards": {...}}  every logical shard's position: the LM pipeline,
+                                      which resumes on any process count dividing N
+  {"global": ...}                     the same on every process and for any process
+                                      count (instruction tuning, windows)
+  {"processes": [...]}                one per process (masked-LM): resumes only on
+                                      the process count it was saved with
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-FORMAT = 2  # 1 (unmarked): the raw state through plain JSON, written before this module
+from jaxllm.data.sources import DataError
+
+# 3: the whole job's position; 2: process 0's state alone, tagged; 1 (unmarked): process 0's
+# raw state through plain JSON. 1 and 2 resume only on one process (others got process 0's).
+FORMAT = 3
 _TUPLE, _INT_KEYS = "__tuple__", "__int_keys__"
 
 
-def encode(state: Any) -> dict:
+def encode(state: Any) -> Any:
   """A JSON-able snapshot of an iterator state (it never changes when the iterator moves on)."""
-  return {"format": FORMAT, "state": _encode(copy.deepcopy(state))}
+  return _encode(copy.deepcopy(state))
 
 
-def decode(saved: Any) -> Any:
-  """The iterator state `encode` was given, from what the checkpoint holds."""
-  if isinstance(saved, dict) and saved.get("format") == FORMAT and "state" in saved:
+def decode(value: Any) -> Any:
+  """The iterator state `encode` was given."""
+  return _decode(value)
+
+
+def job_position(local: Any, gather: Callable[[Any], list[Any]], process_count: int) -> dict:
+  """What the checkpoint stores, from this process's iterator state; `gather(json_value)` returns
+  every process's value in process order (a collective: every process calls it)."""
+  if isinstance(local, dict) and "shards" in local:
+    shards: dict[str, Any] = {}
+    for part in gather(encode(local)):
+      shards.update(part["shards"])
+    state = {"num_shards": local["num_shards"], "shards": shards}
+  elif isinstance(local, dict) and "global" in local:
+    state = encode(local)
+  else:
+    state = {"processes": gather(encode(local))}
+  return {"format": FORMAT, "process_count": process_count, "state": state}
+
+
+def process_state(saved: Any, process_index: int, process_count: int) -> Any:
+  """This process's iterator state from a checkpoint's position, of any format."""
+  if not (isinstance(saved, dict) and "format" in saved and "state" in saved):
+    return _legacy(saved)
+  if saved["format"] == 2:
     return _decode(saved["state"])
-  return _legacy(saved)
+  if saved["format"] != FORMAT:
+    raise DataError(f"the checkpoint's data position has format {saved['format']}, newer than this jaxllm "
+                    f"reads ({FORMAT}); resume with the jaxllm version that wrote it.")
+  state = saved["state"]
+  if isinstance(state, dict) and "processes" in state:
+    if len(state["processes"]) != process_count:
+      raise DataError(
+          f"the checkpoint's data position was saved by {len(state['processes'])} processes and this run has "
+          f"{process_count}; this data pipeline (masked-LM) deals its documents to processes, so it resumes "
+          f"only on {len(state['processes'])} processes: run that many, or start in a fresh --workdir.")
+    return _decode(state["processes"][process_index])
+  return _decode(state)
 
 
 def _encode(value: Any) -> Any:

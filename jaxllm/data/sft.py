@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 import grain
 import numpy as np
 
+from jaxllm.data.pipeline import GlobalPositionIterDataset
 from jaxllm.data.sources import DataError
 
 Message = dict[str, str]
@@ -391,14 +392,15 @@ def plan_packed(lengths: list[int], batch_size: int, seq_len: int, seed: int | N
 def collate_fn(examples: list[Encoded], *, packing: bool, seq_len: int, pad_multiple: int,
                shard_index: int = 0, shard_count: int = 1) -> Callable[[list[list[int]]], dict]:
   """plan (global batch: rows of example indices) -> this host's rows as arrays. Padded widths
-  come from the whole global batch so every host builds the same shape."""
+  come from the whole global batch, so every host builds the same shape and the global batch
+  does not depend on the process count."""
   def collate(plan: list[list[int]]) -> dict[str, np.ndarray]:
     per_host = len(plan) // shard_count
     mine = plan[shard_index * per_host:(shard_index + 1) * per_host]
     if packing:
       return packed_batch([[examples[i] for i in row] for row in mine], seq_len)
     longest = max(len(examples[row[0]].tokens) - 1 for row in plan)
-    width = seq_len if shard_count > 1 else min(_round_up(longest, pad_multiple), seq_len)
+    width = min(_round_up(longest, pad_multiple), seq_len)
     return padded_batch([examples[row[0]] for row in mine], width)
   return collate
 
@@ -421,7 +423,8 @@ def sft_dataset(examples: list[Encoded], batch_size: int, *, seq_len: int, packi
     ds = ds.repeat()
   ds = ds.map(collate_fn(examples, packing=packing, seq_len=seq_len, pad_multiple=pad_multiple,
                          shard_index=shard_index, shard_count=shard_count))
-  return ds.to_iter_dataset()
+  # The position counts global batches (plans), the same on every host: any process count resumes it.
+  return GlobalPositionIterDataset(ds.to_iter_dataset())
 
 
 # ------------------------------------------------------------------------ from config
