@@ -5,7 +5,7 @@
   python scripts/gpu_check.py steps OUT.json WORK_DIR          (spawns steps-reference on the CPU)
   python scripts/gpu_check.py bench-row NAME OUT.json [--start-from OTHER_ROW.json]
   python scripts/gpu_check.py torch-row NAME JAX_ROW.json OUT.json [--compile]
-  python scripts/gpu_check.py realrun OUT.json WORK_DIR DATA_FILE|stdlib
+  python scripts/gpu_check.py realrun OUT.json WORK_DIR DATA_FILE|stdlib   (spawns realrun-torch)
   python scripts/gpu_check.py merge OUT.json PART.json ...      (a list of the parts that exist)
   python scripts/gpu_check.py summary OUT_DIR WORK_DIR         (OUT_DIR/summary.md)
 
@@ -98,6 +98,9 @@ def main() -> None:
   elif a.command == "realrun":
     from gpu_check_realrun import realrun  # pylint: disable=import-outside-toplevel
     realrun(a.args[0], a.args[1], a.args[2], deadline)
+  elif a.command == "realrun-torch":
+    from gpu_check_realrun import realrun_torch  # pylint: disable=import-outside-toplevel
+    realrun_torch(a.args[0], a.args[1], a.args[2], deadline)
   elif a.command == "merge":
     merge(a.args[0], a.args[1:])
   elif a.command == "summary":

@@ -16,6 +16,7 @@ batch as the jaxllm row: bf16 autocast, attn_implementation="sdpa", fused AdamW 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from typing import Any
@@ -81,12 +82,12 @@ def compile_row(config) -> dict[str, Any]:
           "state_bytes": state_bytes, "setup": setup, "mesh": mesh, "host": host, "model_cfg": model_cfg}
 
 
-def memory_limit(first_memory: float) -> tuple[float, str]:
+def memory_limit(name: str, first_memory: float) -> tuple[float, str]:
   limit = memory_stats().get("bytes_limit")
   if limit:
     return float(limit) * MEMORY_HEADROOM, "allocator bytes_limit x headroom"
-  if DRY_RUN:  # the CPU has no allocator limit: pretend the first try is too big, to run the search
-    return 0.7 * first_memory, "dry run: 0.7 x the first try's memory"
+  if DRY_RUN and name == "gpt2_124m":  # the CPU has no allocator limit: pretend the first try
+    return 0.7 * first_memory, "dry run: 0.7 x the first try's memory"  # is too big, to run the search
   return float("inf"), "none known"
 
 
@@ -132,7 +133,7 @@ def find_batch(name: str, attempts: list[dict], deadline: float,
       batch = nice_batch(batch / 2)
       continue
     if limit is None:
-      limit, why = memory_limit(row["memory"])
+      limit, why = memory_limit(name, row["memory"])
       attempts.append({"memory_limit_bytes": finite(limit), "limit_from": why})
     attempts.append({"batch": batch, "compiled_memory_bytes": row["memory"], "compile_s": row["compile_s"]})
     points.append((batch, row["memory"]))
@@ -173,9 +174,27 @@ def time_row(row: dict, steps: int, warmup: int) -> list[float]:
   return times
 
 
-def step_figures(times: list[float], tokens_per_step: int, model_cfg, seq_len: int) -> dict[str, Any]:
+def torch_peak_flops(device: str) -> tuple[float, str]:
+  """The peak the env section found (a torch process keeps JAX off the GPU: JAX_PLATFORMS=cpu),
+  else the datasheet figure for the card torch sees."""
+  env = read_json(os.path.join(os.environ.get("GPU_CHECK_WORK", "/nonexistent"), "env.json"), {})
+  if env.get("peak_flops_for_mfu") and env.get("platform") == ("gpu" if device == "cuda" else "cpu"):
+    return env["peak_flops_for_mfu"], env.get("peak_is", "?")
+  if device == "cuda":
+    import torch  # pylint: disable=import-outside-toplevel
+    from jaxllm import hardware  # pylint: disable=import-outside-toplevel
+    name = torch.cuda.get_device_name().lower()
+    for key, flops in hardware.PEAK_FLOPS.items():
+      if key in name:
+        return flops, "datasheet dense bf16"
+    return float("nan"), "unknown card"
+  return peak_flops()
+
+
+def step_figures(times: list[float], tokens_per_step: int, model_cfg, seq_len: int,
+                 peak: tuple[float, str] | None = None) -> dict[str, Any]:
   """Median, spread, tokens/s and MFU counted both ways."""
-  peak, peak_what = peak_flops()
+  peak, peak_what = peak or peak_flops()
   median = statistics.median(times)
   tokens_per_s = tokens_per_step / median
   return {"step_ms_median": median * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
@@ -332,7 +351,7 @@ def torch_row(name: str, jax_result_path: str, out_path: str, use_compile: bool)
   result.update(status="ok", batch_size=batch, seq_len=seq_len, tokens_per_step=batch * seq_len,
                 first_step_s=first_step_s, times_s=times,
                 peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
-                **step_figures(times, batch * seq_len, model_cfg, seq_len))
+                **step_figures(times, batch * seq_len, model_cfg, seq_len, torch_peak_flops(device)))
   if jax_result.get("tokens_per_s"):
     result["jaxllm_over_torch_tokens_per_s"] = jax_result["tokens_per_s"] / result["tokens_per_s"]
     result["same_batch_as_jaxllm"] = batch == jax_result.get("batch_size")

@@ -20,7 +20,8 @@ import sys
 import time
 from typing import Any
 
-from gpu_check_common import DRY_RUN, REPO_ROOT, apply_overrides, dry_overrides, error_text, load_config, write_json
+from gpu_check_common import (DRY_RUN, REPO_ROOT, apply_overrides, dry_overrides, error_text, load_config,
+                              read_json, write_json)
 
 STEPS, BATCH, LOG_EVERY, EVAL_EVERY = (30, 4, 5, 10) if DRY_RUN else (300, 16, 10, 100)
 
@@ -69,7 +70,7 @@ def loop_throughput(metrics: list[dict[str, Any]]) -> dict[str, Any]:
           "loop_windows": len(windows)}
 
 
-def torch_twin(config, workdir: str, deadline: float) -> dict[str, Any]:
+def torch_twin(config, workdir: str, deadline: float, out_path: str) -> dict[str, Any]:
   """transformers GPT-2 on the run's own batches (same pipeline and tokenizer), same schedule."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -95,6 +96,7 @@ def torch_twin(config, workdir: str, deadline: float) -> dict[str, Any]:
       if (i + 1) % config.train.log_every == 0:
         curve.append({"step": i + 1, "loss": float(torch.stack(window).float().mean())})
         window = []
+        write_json(out_path, {"device": device, "curve": curve, "partial": True})
   finally:
     if hasattr(batches, "close"):
       batches.close()
@@ -104,20 +106,41 @@ def torch_twin(config, workdir: str, deadline: float) -> dict[str, Any]:
           "tokens_per_s": steps_done * config.train.batch_size * config.data.seq_len / max(elapsed, 1e-9)}
 
 
+def realrun_torch(out_path: str, work_dir: str, data: str, deadline: float) -> None:
+  config = apply_overrides(load_config("gpt2_124m"), run_overrides(data))
+  try:
+    result = torch_twin(config, os.path.join(work_dir, "realrun"), deadline, out_path)
+  except Exception as e:  # pylint: disable=broad-except
+    result = {"error": error_text(e)}
+  write_json(out_path, result)
+
+
 def realrun(out_path: str, work_dir: str, data: str, deadline: float) -> dict[str, Any]:
   from gpu_check_bench import compile_row, step_figures, time_row  # pylint: disable=import-outside-toplevel
   overrides = run_overrides(data)
   workdir = os.path.join(work_dir, "realrun")
   shutil.rmtree(workdir, ignore_errors=True)
   report: dict[str, Any] = {"data": data, "overrides": overrides}
-  # The train run may take most of the time left; the step timing and torch share the rest.
-  report["train"] = train_subprocess(workdir, overrides, max(deadline - time.monotonic() - 60, 30))
+  # The train run may take most of the time left; torch and the step timing share the rest.
+  report["train"] = train_subprocess(workdir, overrides, max(deadline - time.monotonic() - 50, 30))
   metrics = read_metrics(workdir)
   report["jax_curve"] = [{"step": m["step"], "loss": m["loss"], **({"eval_loss": m["eval_loss"]}
                           if "eval_loss" in m else {})} for m in metrics if "loss" in m]
   report.update(loop_throughput(metrics))
-  report["checkpoints"] = sorted(d for d in os.listdir(workdir) if d.isdigit()) if os.path.isdir(workdir) else []
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  report["checkpoints"] = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit())) if os.path.isdir(ckpt_dir) else []
   write_json(out_path, report)
+  # torch in its own process, with JAX kept off the GPU (the pipeline imports JAX), before this
+  # process starts JAX on the GPU and takes its memory pool for the step timing.
+  torch_path = os.path.join(work_dir, "realrun_torch.json")
+  cmd = [sys.executable, os.path.join(REPO_ROOT, "scripts", "gpu_check.py"), "realrun-torch", torch_path,
+         work_dir, data, "--budget-s", str(max(deadline - time.monotonic() - 28, 5))]
+  try:
+    subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False,
+                   timeout=max(deadline - time.monotonic() - 25, 5))
+  except subprocess.TimeoutExpired:
+    pass
+  report["torch"] = read_json(torch_path, {"error": "the torch process wrote nothing (timed out?)"})
   config = apply_overrides(load_config("gpt2_124m"), overrides)
   try:
     row = compile_row(config)
@@ -130,10 +153,6 @@ def realrun(out_path: str, work_dir: str, data: str, deadline: float) -> dict[st
   except Exception as e:  # pylint: disable=broad-except
     report["bench_step_error"] = error_text(e)
   write_json(out_path, report)
-  try:
-    report["torch"] = torch_twin(config, workdir, deadline - 5)
-  except Exception as e:  # pylint: disable=broad-except
-    report["torch"] = {"error": error_text(e)}
   jax_by_step = {p["step"]: p["loss"] for p in report["jax_curve"]}
   pairs = [(jax_by_step[p["step"]], p["loss"]) for p in report["torch"].get("curve", []) if p["step"] in jax_by_step]
   if pairs:

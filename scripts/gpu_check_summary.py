@@ -28,8 +28,8 @@ def env_lines(env: dict) -> list[str]:
           f"python {env.get('python')}; jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, flax {v.get('flax')}, "
           f"torch {v.get('torch')} (CUDA {env.get('torch_cuda')}), transformers {v.get('transformers')}; "
           f"dry run: {env.get('dry_run')}",
-          f"measured bf16 {env.get('matmul_size')}^3 matmul: {_f(env.get('measured_bf16_matmul_flops', 0) / 1e12, '{:.1f}')} "
-          f"TFLOP/s; MFU below is against {_f(env.get('peak_flops_for_mfu', 0) / 1e12, '{:.1f}')} TFLOP/s "
+          f"measured bf16 {env.get('matmul_size')}^3 matmul: {_f(env.get('measured_bf16_matmul_flops', 0) / 1e12)} "
+          f"TFLOP/s; MFU below is against {_f(env.get('peak_flops_for_mfu', 0) / 1e12)} TFLOP/s "
           f"({env.get('peak_is')})"]
 
 
@@ -73,7 +73,7 @@ def bench_lines(rows: list[dict]) -> list[str]:
                 f"{r['step_ms_median']:.1f} ({r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})",
                 f"{r['tokens_per_s']:,.0f}", f"{r['mfu_6n']:.1%}", f"{r['mfu_matmul_causal_half']:.1%}",
                 _gib(r.get("compiled_memory_bytes")), _gib(r.get("peak_bytes_in_use")), _f(r.get("compile_s"), "{:.1f}"),
-                f"{r['params'] / 1e6:.0f}M"])
+                f"{r['params'] / 1e6:.1f}M"])
   return _table(["row", "batch x seq", "step ms median (min-max)", "tokens/s", "MFU 6N+12LHQT",
                  "MFU matmul, causal/2", "XLA step memory", "peak in use", "compile s", "params"], out) if out else ["not run"]
 
