@@ -122,7 +122,7 @@ def realrun(out_path: str, work_dir: str, data: str, deadline: float) -> dict[st
   shutil.rmtree(workdir, ignore_errors=True)
   report: dict[str, Any] = {"data": data, "overrides": overrides}
   # The train run may take most of the time left; torch and the step timing share the rest.
-  report["train"] = train_subprocess(workdir, overrides, max(deadline - time.monotonic() - 50, 30))
+  report["train"] = train_subprocess(workdir, overrides, max(deadline - time.monotonic() - 45, 30))
   metrics = read_metrics(workdir)
   report["jax_curve"] = [{"step": m["step"], "loss": m["loss"], **({"eval_loss": m["eval_loss"]}
                           if "eval_loss" in m else {})} for m in metrics if "loss" in m]

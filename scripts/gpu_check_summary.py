@@ -87,8 +87,12 @@ def torch_lines(rows: list[dict]) -> list[str]:
     out.append([r["row"], f"{r['batch_size']} x {r['seq_len']}", f"{r['step_ms_median']:.1f}",
                 f"{r['tokens_per_s']:,.0f}", f"{r['mfu_6n']:.1%}", _gib(r.get("peak_memory_bytes")),
                 _f(r.get("jaxllm_over_torch_tokens_per_s"), "{:.2f}x")])
+  if not out:
+    return ["not run"]
   return _table(["torch row", "batch x seq", "step ms median", "tokens/s", "MFU 6N+12LHQT", "peak memory",
-                 "jaxllm / torch tokens/s"], out) if out else ["not run"]
+                 "jaxllm / torch tokens/s"], out) + [
+      "", "No torch row for the packed shape: packed rows in transformers need flash_attention_2 (varlen), "
+      "which the machine does not have."]
 
 
 def realrun_lines(r: dict) -> list[str]:
