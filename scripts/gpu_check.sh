@@ -51,7 +51,7 @@ SCALE=${BUDGET_SCALE:-1}
 TOTAL_BUDGET_S=${TOTAL_BUDGET_S:-$(( 475 * SCALE ))}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
-rm -f "$WORK"/*.json "$WORK"/sections.tsv
+rm -rf "$WORK"/*.json "$WORK"/sections.tsv "$WORK"/jax_cache  # each run compiles from scratch
 : > "$OUT/log.txt"
 START=$(date +%s)
 
@@ -114,7 +114,7 @@ export GPU_CHECK_WORK="$WORK"
   uname -a
   nvidia-smi 2>&1 || echo "nvidia-smi: not available"
   $PY -c "import grain, ml_collections, datasets, tensorboardX; print('grain, ml_collections, datasets, tensorboardX import: ok')"
-  $PY -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda|flax|optax|orbax|grain|ml.collections|datasets|transformers|torch|tokenizers|numpy|tensorboardx) '
+  $PY -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9a-z-]*|flax|optax|orbax-checkpoint|grain|ml.collections|datasets|transformers|torch|tokenizers|numpy|tensorboardx|triton) '
 } >"$OUT/env.txt" 2>&1
 section env 20 $G env "$WORK/env.json"
 cat "$WORK/env.json" >>"$OUT/env.txt" 2>/dev/null

@@ -34,6 +34,7 @@ ROWS = {
 MAX_TOKENS_PER_STEP = 262_144  # bounds the step time of the smallest models
 MEMORY_HEADROOM = 0.92         # of the allocator's limit
 MAX_COMPILES = 3               # per row, in the batch search
+DRY_BATCH_CAP = 8
 STEPS, WARMUP = (3, 1) if DRY_RUN else (8, 2)
 
 
@@ -50,11 +51,9 @@ def row_config(name: str, batch_size: int | None = None):
 
 
 def nice_batch(b: float) -> int:
-  """Rounds down to a multiple of 8 (a power of two under 8)."""
+  """Rounds down to a multiple of 8 from 16 up; below that, any whole batch (at least 1)."""
   b = int(b)
-  if b >= 8:
-    return b // 8 * 8
-  return 1 << max(int(math.log2(max(b, 1))), 0)
+  return b // 8 * 8 if b >= 16 else max(b, 1)
 
 
 def compile_row(config) -> dict[str, Any]:
@@ -116,7 +115,7 @@ def find_batch(name: str, attempts: list[dict], deadline: float,
   _, _, largest = ROWS[name]
   config = row_config(name)
   seq_len = config.data.seq_len
-  cap = nice_batch(min(largest, MAX_TOKENS_PER_STEP // seq_len, 8 if DRY_RUN else largest))
+  cap = nice_batch(min(largest, MAX_TOKENS_PER_STEP // seq_len, DRY_BATCH_CAP if DRY_RUN else largest))
   batch, limit, best = min(start_batch or first_guess(config), cap), None, None
   points: list[tuple[int, float]] = []
   tried: set[int] = set()
@@ -342,6 +341,7 @@ def torch_row(name: str, jax_result_path: str, out_path: str, use_compile: bool)
       break
     except torch.OutOfMemoryError as e:
       result["attempts"].append({"batch": batch, "error": error_text(e)})
+      step = inputs = targets = None  # drop the model and its optimizer state before retrying
       batch = nice_batch(batch / 2) if batch > 1 else 0
       _free(device)
   else:

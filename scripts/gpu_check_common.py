@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Any
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,8 +110,3 @@ def peak_flops() -> tuple[float, str]:
   what = "datasheet dense bf16" if any(k in kind for k in hardware.PEAK_FLOPS) else "measured f32 matmul"
   return hardware.peak_flops_per_device(), what
 
-
-def timed(fn, *args, **kwargs) -> tuple[Any, float]:
-  start = time.perf_counter()
-  out = fn(*args, **kwargs)
-  return out, time.perf_counter() - start

@@ -131,7 +131,8 @@ def check_backend(name: str, attend: Callable, shape: dict, dtype: str, inputs, 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   result: dict[str, Any] = {"backend": name, "shape": shape["name"], "dtype": dtype}
   try:
-    hlo = grad.lower(*cast).compile().as_text() + fwd.lower(*cast).compile().as_text()
+    fwd, grad = fwd.lower(*cast).compile(), grad.lower(*cast).compile()
+    hlo = fwd.as_text() + grad.as_text()
     out = jax.device_get(fwd(*cast))
     grads = jax.device_get(grad(*cast))
   except Exception as e:  # pylint: disable=broad-except
@@ -187,7 +188,7 @@ def attention_check(out_path: str) -> dict:
     seg = jnp.asarray(packed_segments(rng, b, t))
     cotangent = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
     precision = getattr(jax, "default_matmul_precision", None)
-    with precision("highest") if precision else contextlib.nullcontext():
+    with precision("highest") if precision is not None else contextlib.nullcontext():
       ref_out = xla_reference(q, k, v, seg)
       ref_grads = jax.grad(lambda q, k, v: jnp.sum(xla_reference(q, k, v, seg) * cotangent),
                            argnums=(0, 1, 2))(q, k, v)
