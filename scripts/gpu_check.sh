@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh --fetch   # HERE (network): wheels into .whl/, a text into .gpu_data/
 #   bash scripts/gpu_check.sh           # ON THE GPU MACHINE, from the repo root (see docs/performance.md)
 #   DRY_RUN=1 OUT=/tmp/gpu_dry bash scripts/gpu_check.sh   # or --dry-run: tiny shapes on the CPU
+#   ONLY="attention steps" bash scripts/gpu_check.sh        # a rerun of some sections (shell patterns)
 #
 # Budgets on the H200 (seconds, each a hard `timeout`; the whole run is cut at TOTAL_BUDGET_S;
 # each Python process also pays ~5-10 s to import and start CUDA):
@@ -85,6 +86,11 @@ summary() { $PY scripts/gpu_check.py summary "$OUT" "$WORK" >>"$OUT/log.txt" 2>&
 # section NAME BUDGET_S CMD...: runs CMD under `timeout`, logs, records rc and seconds.
 section() {
   local name=$1 budget=$(( $2 * SCALE )); shift 2
+  if [ -n "${ONLY:-}" ]; then  # ONLY="attention bench_*": run just these sections (shell patterns)
+    local pattern wanted=0
+    for pattern in $ONLY; do case "$name" in $pattern) wanted=1;; esac; done
+    [ "$wanted" = 0 ] && return
+  fi
   local elapsed=$(( $(date +%s) - START ))
   local left=$(( TOTAL_BUDGET_S - elapsed ))
   if [ "$left" -lt 8 ]; then
