@@ -5,8 +5,10 @@
 
 It times the real train step (the same jitted, donated `train_step` the trainer
 runs) after warm-up. Model FLOPs per token are `ModelConfig.flops_per_token`
-(6N + 12 L H Q T, the PaLM/nanoGPT formula). MFU is against the device's
-datasheet peak; on CPU the f32 matmul rate is measured in the same run and MFU
+(6N + 12 L H Q T, the PaLM/nanoGPT formula); the header also gives
+`ModelConfig.matmul_flops_per_token` (MaxText's count: causal attention halved).
+With `--config.data.packing=document` the batch carries random segment ids and
+positions. MFU is against the device's datasheet peak; on CPU the f32 matmul rate is measured in the same run and MFU
 is reported against it. `--compare-hf` times the same model, batch and sequence
 in transformers' GPT2LMHeadModel (PyTorch: forward, backward, AdamW step) in the
 same process, interleaving its steps with ours so both see the same machine load.
@@ -78,10 +80,22 @@ def matmul_probes(size: int = 2048) -> list[tuple[str, Callable[[], None]]]:
   return probes
 
 
-def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-          "weights": np.ones((batch_size, seq_len), np.float32)}
+def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
+                 packing: str = "concat") -> dict[str, np.ndarray]:
+  """Random tokens; with packing='document' also `segment_ids` and `positions` of documents of
+  random lengths (mean seq_len / 4) laid back to back, as the pipeline's packed rows carry."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "weights": np.ones((batch_size, seq_len), np.float32)}
+  if packing == "document":
+    starts = rng.random((batch_size, seq_len)) < 4 / seq_len  # a document starts here
+    starts[:, 0] = True
+    segment_ids = np.cumsum(starts, axis=1).astype(np.int32)  # 1, 2, ... per row
+    index = np.broadcast_to(np.arange(seq_len), (batch_size, seq_len))
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    batch.update(segment_ids=segment_ids, positions=(index - first).astype(np.int32))
+  return batch
 
 
 def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
@@ -100,8 +114,10 @@ def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
   row = Row(f"jaxllm remat={remat}")
   abstract_state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+  packing = config.data.get("packing", "concat")
+  host_batch = random_batch(batch_size, seq_len, model_cfg.vocab_size, packing=packing)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
-                    for k, v in random_batch(batch_size, seq_len, model_cfg.vocab_size).items()}
+                    for k, v in host_batch.items()}
   start = time.perf_counter()
   compiled = jit_train.lower(abstract_state, abstract_batch, jax.random.key(0)).compile()
   row.compile_s = time.perf_counter() - start
@@ -109,7 +125,7 @@ def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
   if not allocate:
     return row, None
   state = setup.init_fn(jax.random.key(0))
-  batch = make_global_batch(random_batch(batch_size, seq_len, model_cfg.vocab_size), mesh)
+  batch = make_global_batch(host_batch, mesh)
   rng = jax.random.key(1)
   holder = {"state": state}
 
@@ -218,7 +234,9 @@ def run(config: Any, *, steps: int, warmup: int, remats: list[str], compare_hf: 
             f"model: {model_cfg.num_params() / 1e6:.2f}M params, {model_cfg.num_layers} layers, "
             f"d_model {model_cfg.d_model}, {model_cfg.num_heads} heads, vocab {model_cfg.vocab_size}, "
             f"dtype {model_cfg.dtype}; batch {batch_size} x seq {seq_len} = {tokens_per_step} tokens/step",
-            f"model FLOPs/token (6N + 12 L H Q T): {flops_per_token / 1e6:.2f} MFLOP"]
+            f"model FLOPs/token (6N + 12 L H Q T): {flops_per_token / 1e6:.2f} MFLOP; "
+            f"matmul FLOPs/token with causal attention halved (MaxText's count): "
+            f"{model_cfg.matmul_flops_per_token(seq_len) / 1e6:.2f} MFLOP"]
   rows, step_fns = [], []
   for remat in remats:
     row, step = jax_variant(config, remat, mesh, allocate=not memory_only)

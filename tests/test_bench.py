@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxllm import bench, train
@@ -46,6 +47,26 @@ def test_flops_per_token_uses_the_real_parameter_count():
     # 6 N (N: weights touched by a matmul per token, the output projection included) + 12 L H Q T.
     n = count - embeddings + cfg.vocab_size * cfg.d_model
     assert cfg.flops_per_token(16) == 6 * n + 12 * 2 * 4 * 8 * 16
+
+
+def test_matmul_flops_count_weights_and_halves_causal_attention():
+  # MaxText's count: 3 x forward matmuls; attention (4 T H Q per layer and token) halved if causal.
+  cfg = ModelConfig(vocab_size=100, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    d_ff=48, activation="swiglu", max_seq_len=16)
+  weights = 32 * 8 * (4 + 2 * 2) + 4 * 8 * 32 + 32 * 48 * 3
+  forward = 2 * (2 * weights + 100 * 32)
+  assert cfg.matmul_flops_per_token(16) == 3 * (forward + 2 * 2 * 16 * 4 * 8)
+  # Without the causal halving the attention term is the PaLM one, 12 L H Q T.
+  attention = cfg.matmul_flops_per_token(16, causal=False) - 3 * forward
+  assert attention == 12 * 2 * 4 * 8 * 16
+
+
+def test_packed_random_batch_restarts_positions_per_segment():
+  batch = bench.random_batch(4, 64, 50, packing="document")
+  seg, pos = batch["segment_ids"], batch["positions"]
+  assert (seg[:, 0] == 1).all() and (np.diff(seg, axis=1) >= 0).all() and seg.max() > 1
+  new_doc = np.diff(seg, axis=1) > 0
+  assert (pos[:, 1:][new_doc] == 0).all() and (pos[:, 1:][~new_doc] == pos[:, :-1][~new_doc] + 1).all()
 
 
 def test_bench_table_rows_and_hf_ratio(tmp_path):

@@ -113,3 +113,18 @@ class ModelConfig:
     """
     n = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
     return 6 * n + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
+  def matmul_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+    """Training FLOPs per token of the matmuls alone, counted as MaxText counts them
+    (`calculate_tflops_training_per_device`): 3 x the forward (forward + backward), the weight
+    matmuls (q, k, v, out, MLP, output projection; no biases or norms) plus the attention scores
+    and values, halved under a causal mask since only the lower triangle is real work.
+    """
+    d, h, kv, hd, ff = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
+    mlp_in = 2 if self.activation in ("swiglu", "geglu") else 1
+    weights = d * hd * (h + 2 * kv) + h * hd * d + d * ff * (mlp_in + 1)
+    attention = 2 * 2 * seq_len * h * hd  # q k^T and p v: 2 FLOPs per multiply-add
+    if causal:
+      attention //= 2
+    forward = 2 * (self.num_layers * weights + self.vocab_size * d) + self.num_layers * attention
+    return 3 * forward
