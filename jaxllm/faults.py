@@ -46,7 +46,7 @@ def counters(opt_state: Any) -> dict[str, jnp.ndarray]:
 
 
 def validate(train_cfg: Any) -> None:
-  from jaxllm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from jaxllm.errors import ConfigError  # pylint: disable=import-outside-toplevel
   policy = train_cfg.get("nonfinite_policy", "skip")
   if policy not in POLICIES:
     raise ConfigError(f"train.nonfinite_policy={policy!r} is not known; use one of {POLICIES}.")

@@ -3,7 +3,7 @@
   python -m jaxllm.tokenizer train --kind bpe --vocab-size 8000 --out tok/ --source stdlib
   python -m jaxllm.tokenizer analyze tok/ [other_tok/] --source text --path corpus.txt
 
-`train` reads any source the input pipeline reads (`jaxllm.data.sources.load_documents`)
+`train` reads any source the input pipeline reads (`jaxllm.data.documents.load_documents`)
 and writes a directory that `AutoTokenizer.from_pretrained` and `data.tokenizer` load.
 `analyze` lives in `jaxllm.tokenizer_analysis`.
 """
@@ -200,7 +200,8 @@ def documents_from_args(args: argparse.Namespace) -> list[str]:
   """Documents of the source the arguments describe, read as the input pipeline reads them
   (`load_documents`, or the `datasets` stream for source='hf' / --data streaming=true), capped."""
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataStats, load_documents  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.documents import load_documents  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.sources import DataStats  # pylint: disable=import-outside-toplevel
   cfg = default_config().data
   cfg.update(source=args.source, path=args.path, field=args.field, text_unit=args.text_unit,
              max_chars=args.max_chars)

@@ -8,7 +8,8 @@ import pytest
 
 from jaxllm.config import ConfigError, default_config
 from jaxllm.data.build import source_configs
-from jaxllm.data.sources import DataError, DataStats, is_validation, load_documents, train_val_split
+from jaxllm.data.documents import load_documents
+from jaxllm.data.sources import DataError, DataStats, is_validation, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
 
 

@@ -1,32 +1,13 @@
 """Hugging Face interop: `from_hf` (HF directory -> jaxllm model directory) and `to_hf` (back).
 
 Architectures are registered by their HF class name, one mapping module each; adding
-one is a module with an `ARCHITECTURE` and one line in `_MODULES` below.
+one is a module with an `ARCHITECTURE` and one line in `registry._MODULES`.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from jaxllm.convert.base import Architecture, ConvertError
-
-_MODULES = {
-    "GPT2LMHeadModel": "jaxllm.convert.gpt2",
-    "LlamaForCausalLM": "jaxllm.convert.llama",
-    "BloomForCausalLM": "jaxllm.convert.bloom",
-    "BertForMaskedLM": "jaxllm.convert.bert",
-}
-
-
-def architectures() -> dict[str, Architecture]:
-  """Every registered architecture by HF class name, in registration order."""
-  return {name: importlib.import_module(module).ARCHITECTURE for name, module in _MODULES.items()}
-
-
-def get_architecture(name: str) -> Architecture:
-  if name not in _MODULES:
-    raise ConvertError(f"architecture {name!r} is not supported; jaxllm converts {', '.join(_MODULES)}.")
-  return importlib.import_module(_MODULES[name]).ARCHITECTURE
+from jaxllm.convert.registry import architectures, get_architecture
 
 
 def from_hf(*args, **kwargs):

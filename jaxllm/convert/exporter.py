@@ -20,7 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint
-from jaxllm.convert import architectures
+from jaxllm.convert.registry import architectures
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
 from jaxllm.models import ModelConfig

@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from jaxllm import checkpoint, killpoints
 from jaxllm.config import default_config
-from jaxllm.convert import architectures, get_architecture
+from jaxllm.convert.registry import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.source import TensorSource
 from jaxllm.models import ModelConfig, build_model

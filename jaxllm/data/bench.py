@@ -75,7 +75,8 @@ def main(argv=None) -> None:
 
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
   from jaxllm.data.pipeline import PackSpec, lm_batches, memory_documents  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.sources import DataStats, load_documents  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.documents import load_documents  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.sources import DataStats  # pylint: disable=import-outside-toplevel
   from jaxllm.tokenizer import load_tokenizer, train_bpe  # pylint: disable=import-outside-toplevel
 
   corpora = {}

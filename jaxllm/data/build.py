@@ -19,7 +19,8 @@ from jaxllm import killpoints
 from jaxllm.config import ConfigError
 from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
-from jaxllm.data.sources import DataError, DataStats, load_documents, train_val_split
+from jaxllm.data.documents import load_documents
+from jaxllm.data.sources import DataError, DataStats, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
 from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.data.pipeline import memory_documents, take_batches, tokenize
-from jaxllm.data.sources import DataError, load_documents, train_val_split
+from jaxllm.data.documents import load_documents
+from jaxllm.data.sources import DataError, train_val_split
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from jaxllm.data.pipeline import GlobalPositionIterDataset, take_batches
-from jaxllm.data.sources import DataError, DataStats, load_documents
+from jaxllm.data.documents import load_documents
+from jaxllm.data.sources import DataError, DataStats
 
 _ENDLESS = 1 << 62  # rows a training stream can hand out; never reached
 
