@@ -52,6 +52,14 @@ def _split_micro_batches(batch: Batch, grad_accum: int, mesh: jax.sharding.Mesh 
   return jax.tree.map(split, batch)
 
 
+def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
+  """The step count the learning-rate schedule read for this update: the optimizer's own, which
+  a skipped non-finite step does not advance (so it can run behind `state.step`)."""
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+            if isinstance(s, optax.ScaleByScheduleState)]
+  return counts[0] if counts else default
+
+
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                grad_accum: int = 1, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -87,7 +95,7 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: App
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(schedule_count(state.opt_state, state.step)),
              "tokens": total_weight, **faults.counters(opt_state)}
   return new_state, metrics
 

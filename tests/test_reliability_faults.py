@@ -11,7 +11,7 @@ import pytest
 from jaxllm import faults, train
 from jaxllm.config import ConfigError, validate
 from jaxllm.sharding import make_global_batch, make_mesh
-from jaxllm.state import make_setup
+from jaxllm.state import compile_steps, make_setup
 from tests.helpers import make_tiny_config
 
 
@@ -19,7 +19,7 @@ def test_poisoned_batch_skips_the_update_and_counts_it(tmp_path):
   config = make_tiny_config(tmp_path)
   mesh = make_mesh(config.mesh)
   setup = make_setup(config, validate(config, jax.device_count()), mesh)
-  jit_train, _ = train.compile_steps(setup, config, mesh)
+  jit_train, _ = compile_steps(setup, config, mesh)
   rng = np.random.default_rng(0)
   shape = (config.train.batch_size, config.data.seq_len)
   good = {"inputs": rng.integers(0, 300, shape, dtype=np.int32),
@@ -43,6 +43,9 @@ def test_poisoned_batch_skips_the_update_and_counts_it(tmp_path):
   state, metrics = jit_train(state, make_global_batch(good, mesh), key)
   assert np.isfinite(metrics["loss"])
   assert (int(metrics["nonfinite_in_a_row"]), int(metrics["nonfinite_total"])) == (0, 1)
+  # The logged lr is the one applied: the skipped step did not advance the optimizer's schedule.
+  assert float(setup.schedule(1)) != float(setup.schedule(2))
+  np.testing.assert_allclose(float(metrics["lr"]), float(setup.schedule(1)), rtol=1e-7)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
