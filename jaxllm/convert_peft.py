@@ -1,7 +1,7 @@
 """Prompt-tuning adapters to and from the Hugging Face PEFT format.
 
-  python -m jaxllm.convert_peft to-peft --run WORKDIR --out ADAPTER_DIR [--base-model NAME_OR_PATH]
-  python -m jaxllm.convert_peft from-peft --adapter ADAPTER_DIR --base MODEL_DIR --out RUN_DIR
+  python -m jaxllm.convert_peft to-peft WORKDIR ADAPTER_DIR [--base-model NAME_OR_PATH]
+  python -m jaxllm.convert_peft from-peft ADAPTER_DIR RUN_DIR --base MODEL_DIR
 
 `to-peft` reads the prompt of a prompt-tuning run (its latest checkpoint) and writes
 adapter_config.json + adapter_model.safetensors, which `PeftModel.from_pretrained(base, dir)`
@@ -63,25 +63,42 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxllm.convert_pe
   parser = ArgumentParser(prog=prog, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
+  # SRC DST like to-hf / from-hf; the older --run/--out (--adapter/--out) spelling still works.
   to = sub.add_parser("to-peft", help="a jaxllm prompt-tuning run -> PEFT adapter directory")
-  to.add_argument("--run", required=True, help="the run's workdir")
-  to.add_argument("--out", required=True, help="adapter directory to write")
+  to.add_argument("src", nargs="?", help="the run's workdir")
+  to.add_argument("dst", nargs="?", help="adapter directory to write")
+  to.add_argument("--run", help="alias of SRC")
+  to.add_argument("--out", help="alias of DST")
   to.add_argument("--base-model", default=None,
                   help="base_model_name_or_path to record (default: the run's init_from)")
   frm = sub.add_parser("from-peft", help="PEFT PROMPT_TUNING adapter -> jaxllm run directory")
-  frm.add_argument("--adapter", required=True, help="PEFT adapter directory")
+  frm.add_argument("src", nargs="?", help="PEFT adapter directory")
+  frm.add_argument("dst", nargs="?", help="run directory to write")
   frm.add_argument("--base", required=True, help="jaxllm model directory of the base model")
-  frm.add_argument("--out", required=True, help="run directory to write")
+  frm.add_argument("--adapter", help="alias of SRC")
+  frm.add_argument("--out", help="alias of DST")
   args = parser.parse_args(argv)
+  src_flag = "--run" if args.command == "to-peft" else "--adapter"
+  args.src = _one_of(parser, args.src, getattr(args, src_flag[2:]), "SRC", src_flag)
+  args.dst = _one_of(parser, args.dst, args.out, "DST", "--out")
   return run_command(lambda: _convert_peft(args))
+
+
+def _one_of(parser: argparse.ArgumentParser, positional: str | None, flag: str | None, name: str,
+            flag_name: str) -> str:
+  if positional and flag and positional != flag:
+    parser.error(f"{name} is given twice ({positional!r} and {flag_name} {flag!r}); give it once")
+  if not (positional or flag):
+    parser.error(f"{name} is missing; write `{parser.prog} SUBCOMMAND SRC DST`")
+  return positional or flag
 
 
 def _convert_peft(args: argparse.Namespace) -> None:
   if args.command == "to-peft":
-    export_run(args.run, args.out, args.base_model)
+    export_run(args.src, args.dst, args.base_model)
   else:
-    import_adapter(args.adapter, args.base, args.out)
-  print(f"wrote {args.out}")
+    import_adapter(args.src, args.base, args.dst)
+  print(f"wrote {args.dst}")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,6 @@ def frozen_by_reference(config: Any) -> bool:
   return bool(config.init_from) and bool(config.train.get("trainable", ""))
 
 
-def frozen_dtype(config: Any):
-  name = config.train.get("frozen_dtype", "")
-  return jnp.dtype(name) if name else None
-
-
-# ------------------------------------------------------------------------ initialisation
-
 def prompt_init_ids(tokenizer: Any, text: str, num_virtual_tokens: int) -> list[int]:
   """The text's token ids fitted to the prompt length: truncated when longer, repeated
   cyclically when shorter (as PEFT's TEXT init does)."""

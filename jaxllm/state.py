@@ -56,11 +56,9 @@ def dummy_inputs(seq_len: int) -> jax.Array:
   return jnp.zeros((1, seq_len), jnp.int32)
 
 
-def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
-               apply_fn_factory=None) -> Setup:
+def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup:
   model = build_model(model_cfg)
-  if apply_fn_factory is None:
-    apply_fn_factory = encoder_apply_fn if model_cfg.family == "bert" else lm_apply_fn
+  apply_fn_factory = encoder_apply_fn if model_cfg.family == "bert" else lm_apply_fn
   optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
   optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)

@@ -60,6 +60,8 @@ CASES = {
                                      MISSING),
     "convert-from-peft-missing-path": ("jaxllm.convert", ["from-peft", "--adapter", MISSING, "--base",
                                                           MISSING, "--out", "{tmp}/out"], MISSING),
+    "convert-to-peft-positional-missing-path": ("jaxllm.convert", ["to-peft", MISSING, "{tmp}/out"], MISSING),
+    "convert-to-peft-no-destination": ("jaxllm.convert", ["to-peft", MISSING], "DST is missing"),
     "convert_peft-missing-path": ("jaxllm.convert_peft", ["to-peft", "--run", MISSING, "--out", "{tmp}/out"],
                                   MISSING),
     "tokenizer-bad-flag": ("jaxllm.tokenizer", ["train", "--vocab-size", "300", "--out", "{tmp}/tok",

@@ -180,7 +180,7 @@ def test_prompt_run_checkpoints_only_the_prompt_resumes_and_exports_to_peft(tmp_
   model_cfg, params, tokenizer = checkpoint.load_model_dir(workdir)
   assert tokenizer is not None and model_cfg.num_virtual_tokens == 4
   adapter = os.path.join(tmp_path, "adapter")
-  assert convert_main(["to-peft", "--run", workdir, "--out", adapter]) == 0
+  assert convert_main(["to-peft", workdir, adapter]) == 0  # SRC DST, like to-hf
   with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
     adapter_config = json.load(f)
   assert adapter_config["peft_type"] == "PROMPT_TUNING" and adapter_config["num_virtual_tokens"] == 4

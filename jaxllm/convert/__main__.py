@@ -2,8 +2,8 @@
 
   python -m jaxllm.convert from-hf HF_DIR OUT_DIR [--param-dtype float32] [--overwrite]
   python -m jaxllm.convert to-hf CKPT_DIR HF_DIR [--step N] [--max-shard-size 2GB] [--dtype float32] [--overwrite]
-  python -m jaxllm.convert to-peft --run RUN_DIR --out ADAPTER_DIR     (prompt tuning; see jaxllm/convert_peft.py)
-  python -m jaxllm.convert from-peft --adapter ADAPTER_DIR --base MODEL_DIR --out RUN_DIR
+  python -m jaxllm.convert to-peft RUN_DIR ADAPTER_DIR     (prompt tuning; see jaxllm/convert_peft.py)
+  python -m jaxllm.convert from-peft ADAPTER_DIR RUN_DIR --base MODEL_DIR
 """
 
 from __future__ import annotations

@@ -151,12 +151,6 @@ def tokenize(docs: grain.IterDataset, tokenizer: Any, eos_id: int, batch_size: i
   return grain.experimental.FlatMapIterDataset(encoded, _Unbatch(batch_size))
 
 
-def tokenize_fn(tokenizer: Any, eos_id: int) -> Callable[[str], dict[str, np.ndarray]]:
-  """One document -> {"tokens"} with EOS appended (for callers that tokenize one at a time)."""
-  encode = _TokenizeBatch(tokenizer, eos_id)
-  return lambda text: {"tokens": encode([text])[0]}
-
-
 def _concat_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens = row["tokens"]
   # A finite stream's last row is padded: its padding (segment id 0) carries no loss.

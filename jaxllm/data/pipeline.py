@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from jaxllm.data import position
-from jaxllm.data.packing import pack, tokenize, tokenize_fn  # noqa: F401  (tokenize_fn re-exported)
+from jaxllm.data.packing import pack, tokenize
 from jaxllm.data.sources import DataError
 
 # A function (shard_index, num_shards) -> that shard's documents as a grain IterDataset.
@@ -186,18 +186,6 @@ def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int,
     # A background thread keeps `prefetch` batches ready; its state is that of the last batch handed out.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
   return batches
-
-
-def lm_dataset(docs: Sequence[str], tokenizer: Any, eos_id: int, seq_len: int, batch_size: int, *,
-               seed: int, shuffle: bool = True, repeat: bool = True, packing: str = "concat",
-               shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-  """Packed causal-LM batches of `batch_size` rows from one in-memory list of documents.
-
-  `shard_index/shard_count` select one shard's documents (one host's share)."""
-  spec = PackSpec(tokenizer, eos_id, seq_len, packing, seed=seed)
-  make = memory_documents(docs, seed=seed, shuffle=shuffle, repeat=repeat)
-  rows = shard_rows({"docs": lambda _s, _n: make(shard_index, shard_count)}, {"docs": 1.0}, spec, shard_index, 1)
-  return rows.batch(batch_size, drop_remainder=True)
 
 
 def saved_position(iterator: grain.DatasetIterator) -> dict:
