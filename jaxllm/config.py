@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
       trainable="",           # regex over parameter paths that train; empty = all ("^prompt/": prompt tuning)
       prompt_init_text="",    # prompt tuning: init the prompt from this text's token embeddings ("" = random)
       frozen_dtype="",        # dtype the frozen parameters are held in ("bfloat16" halves them; "" = as is)
+      memory_report=False,    # with `trainable`: log the step memory beside full fine-tuning's (compiles both)
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)

@@ -124,6 +124,30 @@ def step_memory_bytes(jitted_step: Any, *abstract_args: Any) -> int:
              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
+def memory_report(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, setup: Any) -> str:
+  """Compiled per-device memory of this run's step beside that of full fine-tuning of the same model
+  (it compiles both steps: `train.memory_report` asks for it)."""
+  # pylint: disable=import-outside-toplevel
+  from jaxllm.sharding import replicated
+  from jaxllm.state import compile_steps, make_setup
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  shape = (config.train.batch_size, config.data.seq_len)
+  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") == "document" else ())
+  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
+  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+  state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+  mine = step_memory_bytes(compile_steps(setup, config, mesh)[0], state, batch, rng)
+  full_config = config.copy_and_resolve_references()
+  with full_config.unlocked():
+    full_config.train.trainable = ""
+    full_config.train.frozen_dtype = ""
+  full_setup = make_setup(full_config, model_cfg, mesh)
+  full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
+  full = step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)
+  return (f"step memory per device: {mine / 2**20:.1f} MiB (full fine-tuning: {full / 2**20:.1f} MiB, "
+          f"{full / max(mine, 1):.1f}x)")
+
 def parameter_report(setup: Any) -> str:
   trainable = count_params(setup.abstract_state.params)
   total = trainable + count_params(setup.abstract_state.frozen)

@@ -9,6 +9,7 @@ workdir if there is one, trains, evaluates, checkpoints and logs metrics.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -21,40 +22,17 @@ from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, 
 from jaxllm import workdir as workdir_lib
 from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
 from jaxllm.config import validate
-from jaxllm.data.build import build_lm_data
 from jaxllm.data.pipeline import restore_iterator, saved_position
-from jaxllm.data import sft
-from jaxllm.data.mlm import build_mlm_data
+from jaxllm.data.task import TaskData, build_task_data
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
-from jaxllm.sharding import make_global_batch, make_mesh, replicated
+from jaxllm.sharding import make_global_batch, make_mesh
 from jaxllm.state import Setup, compile_steps, make_setup
 
 # Exit status: 0 done, 2 bad input (USER_ERRORS), 3 diverged (non-finite steps beyond the policy),
 # preemption.PREEMPTED_EXIT_CODE (75) preempted after a checkpoint: rerun to resume.
 DIVERGED_EXIT_CODE = 3
-
-
-def memory_report(config: Any, model_cfg, mesh, setup: Setup, jit_train) -> str:
-  """Compiled per-device memory of this step beside that of full fine-tuning of the same model."""
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-  shape = (config.train.batch_size, config.data.seq_len)
-  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") == "document" else ())
-  batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
-  batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
-  state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  mine = peft.step_memory_bytes(jit_train, state, batch, rng)
-  full_config = config.copy_and_resolve_references()
-  with full_config.unlocked():
-    full_config.train.trainable = ""
-    full_config.train.frozen_dtype = ""
-  full_setup = make_setup(full_config, model_cfg, mesh)
-  full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
-  full = peft.step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)
-  return (f"step memory per device: {mine / 2**20:.1f} MiB (full fine-tuning: {full / 2**20:.1f} MiB, "
-          f"{full / max(mine, 1):.1f}x)")
 
 
 def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
@@ -92,6 +70,67 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
   return changed
 
 
+@dataclasses.dataclass
+class Run:
+  """A started run: everything built from the config, and the state resumed or initialised."""
+  config: Any
+  workdir: str
+  model_cfg: Any
+  mesh: jax.sharding.Mesh
+  data: TaskData
+  setup: Setup
+  manager: Any              # orbax CheckpointManager
+  train_iter: Any           # this host's batches, positioned after the last trained step
+  state: Any                # TrainState
+  start_step: int
+  by_reference: bool        # checkpoints hold only the trainable part (the rest is init_from's)
+
+  def checkpointable(self, state):
+    return state.replace(frozen={}) if self.by_reference else state
+
+  def close(self) -> None:
+    self.manager.close()
+    if hasattr(self.train_iter, "close"):
+      self.train_iter.close()  # stops the prefetch thread
+
+
+def start(config: Any, workdir: str) -> Run:
+  """Builds the run and resumes it from the workdir's latest checkpoint (or initialises it).
+
+  Nothing in the workdir changes until the run is known to start there: a failed start
+  (bad data, a checkpoint of another model) leaves the old run's files as they were.
+  """
+  model_cfg = validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  workdir_lib.check_resumable(config, workdir)
+  with workdir_lib.StartGuard(workdir):
+    checkpoint.ensure_writable(workdir)
+    data = build_task_data(config, workdir)
+    setup = make_setup(config, model_cfg, mesh)
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+    run = Run(config, workdir, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
+              peft.frozen_by_reference(config))
+    try:
+      abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+      restored = checkpoint.restore(manager, run.checkpointable(abstract))
+      if restored is not None:
+        run.state, data_state, run.start_step = restored
+        if run.by_reference:
+          run.state = run.state.replace(frozen=peft.load_frozen(config, setup))
+        if data_state:
+          restore_iterator(run.train_iter, data_state)
+      else:
+        init_rng = jax.random.fold_in(jax.random.key(config.train.seed), 1)
+        params = peft.initial_params(config, setup, data.tokenizer, init_rng)
+        run.state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
+      if jax.process_index() == 0:  # the last thing a start writes: the run now is this config
+        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    except BaseException:
+      run.close()
+      raise
+  return run
+
+
 def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) -> dict[str, float]:
   """Trains as configured; returns the last logged metrics.
 
@@ -99,143 +138,104 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   without one, run listens from the first step on.
   """
   adopted = adopt_init_from_architecture(config)
-  model_cfg = validate(config, jax.device_count())
-  mesh = make_mesh(config.mesh)
-  # Nothing in the workdir changes until the run is known to start there: a failed start
-  # (bad data, a checkpoint of another model) leaves the old run's files as they were.
-  workdir_lib.check_resumable(config, workdir)
-  with workdir_lib.StartGuard(workdir):
-    checkpoint.ensure_writable(workdir)
-    sft_data = sft.build_sft_data(config, workdir) if config.task == "sft" else None
-    lm_data = None
-    if sft_data is not None:
-      tokenizer, train_ds, val_batches = sft_data.tokenizer, sft_data.train, sft_data.val_batches
-    elif config.task == "mlm":
-      tokenizer, train_ds, val_batches = build_mlm_data(config, workdir)
-    else:
-      lm_data = build_lm_data(config, workdir)
-      tokenizer, train_ds, val_batches = lm_data.tokenizer, lm_data.train, lm_data.val_batches
-    train_iter = iter(train_ds)
-
-    setup = make_setup(config, model_cfg, mesh)
-    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-    try:
-      abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-      # Fine-tuning part of a model (train.trainable) from init_from: checkpoints hold only what
-      # trains; the frozen rest is re-read from init_from.
-      by_reference = peft.frozen_by_reference(config)
-      restored = checkpoint.restore(manager, abstract.replace(frozen={}) if by_reference else abstract)
-      rng = jax.random.key(config.train.seed)
-      if restored is not None:
-        state, data_state, start_step = restored
-        if by_reference:
-          state = state.replace(frozen=peft.load_frozen(config, setup))
-        if data_state:
-          restore_iterator(train_iter, data_state)
-      else:
-        init_rng = jax.random.fold_in(rng, 1)
-        params = peft.initial_params(config, setup, tokenizer, init_rng)
-        state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
-        start_step = 0
-      if jax.process_index() == 0:  # the last thing a start writes: the run now is this config
-        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    except BaseException:
-      manager.close()
-      if hasattr(train_iter, "close"):
-        train_iter.close()
-      raise
-
-  jit_train, jit_eval = compile_steps(setup, config, mesh)
-  total_steps = config.train.steps
-  tokens_per_step = config.train.batch_size * config.data.seq_len
-  flops_per_token = model_cfg.flops_per_token(config.data.seq_len)
-  peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
-  writer = MetricsWriter(workdir, total_steps, start_step, config.train.tensorboard, config.train.progress)
-  num_params = model_cfg.num_params()
+  r = start(config, workdir)
+  writer = MetricsWriter(workdir, config.train.steps, r.start_step, config.train.tensorboard,
+                         config.train.progress)
   if adopted:
     writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
-  writer.text(f"model: {num_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; "
-              f"{tokens_per_step} tokens/step; start at step {start_step} of {total_steps}")
-  if config.train.get("trainable", "") and start_step == 0:
-    writer.text(peft.parameter_report(setup) + "; " + memory_report(config, model_cfg, mesh, setup, jit_train))
-  if sft_data is not None:
-    writer.text(sft_data.summary)
-  elif lm_data is not None:
-    writer.text(f"data: {lm_data.summary()}")
-
-  pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
-  first_pending = start_step + 1
-  last: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
-  step, preempted = start_step, False
+  writer.text(f"model: {r.model_cfg.num_params() / 1e6:.2f}M parameters; mesh {dict(r.mesh.shape)}; "
+              f"{config.train.batch_size * config.data.seq_len} tokens/step; "
+              f"start at step {r.start_step} of {config.train.steps}")
+  if config.train.get("trainable", "") and r.start_step == 0:
+    report = peft.parameter_report(r.setup)
+    if config.train.memory_report:  # compiles a full fine-tuning step too, only for this line
+      report += "; " + peft.memory_report(config, r.model_cfg, r.mesh, r.setup)
+    writer.text(report)
+  if r.data.summary:
+    writer.text(r.data.summary)
   with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
     try:
-      while step < total_steps and not preempted:
-        local_batch = next(train_iter)
-        if step == start_step:
-          killpoints.reached("train.compile")
-        state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
-        pending.append(metrics)
-        step += 1
-        window_steps += 1
-        preempted = watcher.reached(step)
-        is_last = step == total_steps or preempted
-        save_now = step % config.train.checkpoint_every == 0 or is_last
-        eval_now = bool(val_batches) and (step % config.train.eval_every == 0 or step == total_steps)
-        # An eval step is a log step too, so eval_every need not be a multiple of log_every.
-        log_now = step % config.train.log_every == 0 or eval_now or is_last
-        if not (log_now or save_now):
-          continue
-        # The only host sync: once per log interval, and before a save so that the fault
-        # policy has seen every step whose state is about to be written.
-        pending[:] = jax.device_get(pending)
-        fault = faults.violation(pending, first_pending, config.train)
-        if log_now or fault:
-          elapsed = time.perf_counter() - window_start
-          tokens_per_s = window_steps * tokens_per_step / elapsed
-          last = {"loss": float(np.mean([m["loss"] for m in pending])),
-                  "grad_norm": float(pending[-1]["grad_norm"]), "lr": float(pending[-1]["lr"]),
-                  "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
-          last.update({k: int(pending[-1][k]) for k in faults.COUNTERS if k in pending[-1]})
-          pending.clear()
-          first_pending = step + 1
-          if eval_now and not fault:
-            last.update(evaluate(jit_eval, state, val_batches, mesh))
-          writer.write(step, last)
-          writer.advance(step)
-          window_start, window_steps = time.perf_counter(), 0
-        if fault:
-          raise faults.NonFiniteError(fault)
-        if save_now:
-          checkpoint.save(manager, step, state.replace(frozen={}) if by_reference else state,
-                          saved_position(train_iter), force=is_last)
+      state, step, last = train_loop(r, writer, watcher)
     finally:
       # Saves in flight become durable whether the loop ended, was preempted or failed.
-      checkpoint.wait(manager)
-      manager.close()
-      if hasattr(train_iter, "close"):
-        train_iter.close()  # stops the prefetch thread
-      if lm_data is not None:
-        writer.text(f"data read (this run): {lm_data.summary()}")
+      checkpoint.wait(r.manager)
+      r.close()
+      if r.data.read_so_far is not None:
+        writer.text(r.data.read_so_far())
       writer.close()
-  if preempted:
+  if step < config.train.steps:
     raise preemption.Preempted(step)
-
-  # every process runs the sharded decode; process 0 prints. A masked-LM has fill_mask instead.
-  if config.train.sample_prompt and config.task != "mlm":
-    prompt_ids = tokenizer(config.train.sample_prompt, add_special_tokens=False)["input_ids"]
-    if sft_data is not None:  # the sample prompt is an instruction: show it as the template does
-      prompt_ids = sft.prompt_ids(tokenizer, sft_data.template, config.train.sample_prompt)
-    prompt_ids, max_new = fit_prompt(prompt_ids, config.train.sample_tokens, model_cfg)
-    sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
-                              top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
-    killpoints.reached("sample")
-    [completion] = generate(model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
-                            sampling, mesh=mesh, seed=config.train.seed)
-    if jax.process_index() == 0:
-      print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
-            "\n--------------", flush=True)
+  if config.train.sample_prompt and r.data.prompt_ids is not None:
+    print_sample(r, state)
   return last
+
+
+def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tuple[Any, int, dict]:
+  """Steps from r.start_step to train.steps (or a preemption); returns (state, step, last metrics)."""
+  config, mesh, state = r.config, r.mesh, r.state
+  jit_train, jit_eval = compile_steps(r.setup, config, mesh)
+  rng = jax.random.key(config.train.seed)
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  flops_per_token = r.model_cfg.flops_per_token(config.data.seq_len)
+  peak = hardware.peak_flops_per_device(config.train.peak_flops) * jax.device_count()
+  pending: list[dict[str, Any]] = []  # metrics of steps first_pending, ..., step; on device until fetched
+  first_pending = r.start_step + 1
+  last: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  step, preempted = r.start_step, False
+  while step < config.train.steps and not preempted:
+    local_batch = next(r.train_iter)
+    if step == r.start_step:
+      killpoints.reached("train.compile")
+    state, metrics = jit_train(state, make_global_batch(local_batch, mesh), rng)
+    pending.append(metrics)
+    step += 1
+    window_steps += 1
+    preempted = watcher.reached(step)
+    is_last = step == config.train.steps or preempted
+    save_now = step % config.train.checkpoint_every == 0 or is_last
+    eval_now = bool(r.data.val_batches) and (step % config.train.eval_every == 0 or step == config.train.steps)
+    # An eval step is a log step too, so eval_every need not be a multiple of log_every.
+    log_now = step % config.train.log_every == 0 or eval_now or is_last
+    if not (log_now or save_now):
+      continue
+    # The only host sync: once per log interval, and before a save so that the fault
+    # policy has seen every step whose state is about to be written.
+    pending[:] = jax.device_get(pending)
+    fault = faults.violation(pending, first_pending, config.train)
+    if log_now or fault:
+      tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+      last = {"loss": float(np.mean([m["loss"] for m in pending])),
+              "grad_norm": float(pending[-1]["grad_norm"]), "lr": float(pending[-1]["lr"]),
+              "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops_per_token / peak}
+      last.update({k: int(pending[-1][k]) for k in faults.COUNTERS if k in pending[-1]})
+      pending.clear()
+      first_pending = step + 1
+      if eval_now and not fault:
+        last.update(evaluate(jit_eval, state, r.data.val_batches, mesh))
+      writer.write(step, last)
+      writer.advance(step)
+      window_start, window_steps = time.perf_counter(), 0
+    if fault:
+      raise faults.NonFiniteError(fault)
+    if save_now:
+      checkpoint.save(r.manager, step, r.checkpointable(state), saved_position(r.train_iter), force=is_last)
+  return state, step, last
+
+
+def print_sample(r: Run, state: Any) -> None:
+  """Completes train.sample_prompt; every process runs the sharded decode, process 0 prints."""
+  config, tokenizer = r.config, r.data.tokenizer
+  prompt_ids, max_new = fit_prompt(r.data.prompt_ids(config.train.sample_prompt), config.train.sample_tokens,
+                                   r.model_cfg)
+  sampling = SamplingConfig(max_new_tokens=max_new, temperature=config.train.sample_temperature,
+                            top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
+  killpoints.reached("sample")
+  [completion] = generate(r.model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
+                          sampling, mesh=r.mesh, seed=config.train.seed)
+  if jax.process_index() == 0:
+    print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
+          "\n--------------", flush=True)
 
 
 def main(argv):

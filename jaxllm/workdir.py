@@ -63,7 +63,7 @@ def check_resumable(config: Any, workdir: str) -> None:
     return  # a workdir from before config.json was written: the checkpoint check decides
   new = config.to_dict()
   changed = []
-  if saved.get("task", "lm") != new.get("task", "lm"):
+  if saved.get("task", "causal_lm") != new.get("task", "causal_lm"):
     changed.append(f"task={new.get('task')!r} (the run has {saved.get('task')!r})")
   saved_model, new_model = saved.get("model", {}), new.get("model", {})
   changed += _changes(saved_model, new_model, [k for k in new_model if k not in RUNTIME_MODEL_KEYS], "model")

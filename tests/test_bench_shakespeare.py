@@ -10,7 +10,8 @@ import pytest
 from jaxllm import train
 from jaxllm.data.sources import DataError
 from jaxllm.data.windows import window_data, window_rows
-from jaxllm.data.build import build_lm_data, prepare_tokenizer
+from jaxllm.data.build import build_lm_data
+from jaxllm.data.tokenizers import prepare_tokenizer
 from jaxllm.tokenizer import EOS_TOKEN, load_tokenizer, train_char
 from tests.helpers import REPO_ROOT
 

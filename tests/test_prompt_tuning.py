@@ -163,7 +163,7 @@ def test_prompt_run_checkpoints_only_the_prompt_resumes_and_exports_to_peft(tmp_
   from jaxllm import train
   from jaxllm.convert.__main__ import main as convert_main
   workdir = os.path.join(tmp_path, "run")
-  train.run(prompt_config(tmp_path, base, sft_file), workdir)
+  train.run(prompt_config(tmp_path, base, sft_file, **{"train.memory_report": True}), workdir)
   out = capsys.readouterr().out
   assert f"parameters: {4 * D_MODEL:,} trainable of" in out and "full fine-tuning:" in out
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")

@@ -8,21 +8,19 @@ top-level keys describe the one source.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import grain
 import jax
 import ml_collections
 
-from jaxllm import killpoints
 from jaxllm.config import ConfigError
 from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, DataStats, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
-from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char
+from jaxllm.data.tokenizers import prepare_tokenizer
 
 SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
                "hf_split", "val_path", "val_fraction")
@@ -130,39 +128,6 @@ class _Source:
     if not docs:
       raise self.stats.nothing_error(f"stream {self.spec.name!r}")
     return docs
-
-
-def prepare_tokenizer(config: Any, workdir: str, train_docs: Sequence[str] | Callable[[], Sequence[str]]):
-  """Loads data.tokenizer, else the workdir's, else init_from's (a converted HF model brings its
-  own), else trains a byte-level BPE on the training documents (once per workdir);
-  data.tokenizer='char' builds a character vocabulary instead. `train_docs` may be a function,
-  called only when a tokenizer is trained (reading a stream costs time)."""
-  tok_dir = os.path.join(workdir, "tokenizer")
-  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
-  if config.data.tokenizer and config.data.tokenizer != "char":
-    tokenizer = load_tokenizer(config.data.tokenizer)
-  else:
-    if os.path.isdir(tok_dir):
-      tokenizer = load_tokenizer(tok_dir)
-    elif init_tok_dir and os.path.isdir(init_tok_dir):
-      tokenizer = load_tokenizer(init_tok_dir)
-      if jax.process_index() == 0:  # the workdir stays a complete model directory (generate, to-hf)
-        tokenizer.save_pretrained(tok_dir)
-    else:
-      vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
-      docs = train_docs() if callable(train_docs) else train_docs
-      tokenizer = train_char(docs) if config.data.tokenizer == "char" else train_bpe(docs, vocab)
-      if jax.process_index() == 0:
-        # Written aside and renamed: other processes never load half a tokenizer directory.
-        tokenizer.save_pretrained(f"{tok_dir}.tmp")
-        killpoints.reached("tokenizer.save")
-        os.replace(f"{tok_dir}.tmp", tok_dir)
-  if len(tokenizer) > config.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
-                      f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
-  if tokenizer.eos_token_id is None:
-    raise ConfigError("the tokenizer has no EOS token; documents need one appended. Set eos_token.")
-  return tokenizer
 
 
 def num_data_shards(config: Any) -> int:

@@ -10,8 +10,7 @@ weights are 1 exactly on the chosen positions.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Sequence
+from typing import Any
 
 import grain
 import jax
@@ -21,6 +20,7 @@ from jaxllm.config import ConfigError
 from jaxllm.data.pipeline import memory_documents, take_batches, tokenize
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, train_val_split
+from jaxllm.data.tokenizers import prepare_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,38 +130,13 @@ def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int
   return it.batch(batch_size, drop_remainder=True)
 
 
-def prepare_wordpiece(config: Any, workdir: str, train_docs: Sequence[str]):
-  """Loads data.tokenizer, else the workdir's, else init_from's (a converted BertForMaskedLM brings
-  its own), else trains a WordPiece of model.vocab_size (data.tokenizer_vocab_size if set) on the
-  training documents. The workdir keeps a copy, so it is a complete model directory (fill_mask)."""
-  from jaxllm.tokenizer import load_tokenizer, train_tokenizer  # pylint: disable=import-outside-toplevel
-  tok_dir = os.path.join(workdir, "tokenizer")
-  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
-  if config.data.tokenizer:
-    tokenizer = load_tokenizer(config.data.tokenizer)
-  elif os.path.isdir(tok_dir):
-    tokenizer = load_tokenizer(tok_dir)
-  elif init_tok_dir and os.path.isdir(init_tok_dir):
-    tokenizer = load_tokenizer(init_tok_dir)
-  else:
-    vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
-    tokenizer = train_tokenizer(train_docs, "wordpiece", vocab, round_to=1,
-                                lowercase=config.mlm.lowercase)
-  if jax.process_index() == 0 and not os.path.isdir(tok_dir):
-    tokenizer.save_pretrained(tok_dir)
-  if len(tokenizer) > config.model.vocab_size:
-    raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size="
-                      f"{config.model.vocab_size}; raise model.vocab_size to at least {len(tokenizer)}.")
-  return tokenizer
-
-
 def build_mlm_data(config: Any, workdir: str):
   """(tokenizer, training grain dataset, validation batches) for masked-LM training (task='mlm')."""
   if config.model.family != "bert":
     raise ConfigError(f"task='mlm' needs model.family='bert', got {config.model.family!r}.")
   docs = load_documents(config.data)
   train_docs, val_docs = train_val_split(docs, config.data.val_fraction, config.data.seed)
-  tokenizer = prepare_wordpiece(config, workdir, train_docs)
+  tokenizer = prepare_tokenizer(config, workdir, train_docs)
   m = config.mlm
   spec = masking_spec(tokenizer, m.probability, m.mask_fraction, m.random_fraction, m.whole_word)
   per_host = config.train.batch_size // jax.process_count()

@@ -452,7 +452,7 @@ def _training_texts(records: Iterable[dict], template: Template) -> Iterable[str
 def build_sft_data(config: Any, workdir: str) -> SftData:
   """Tokenizer, training dataset and validation batches for `config.task == 'sft'`."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.build import prepare_tokenizer  # pylint: disable=import-outside-toplevel
+  from jaxllm.data.tokenizers import prepare_tokenizer  # pylint: disable=import-outside-toplevel
   from jaxllm.data.sources import train_val_split  # pylint: disable=import-outside-toplevel
   d = config.data
   template = get_template(d.template)
