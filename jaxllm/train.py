@@ -29,6 +29,7 @@ from jaxllm.data.sources import DataError
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
+from jaxllm.plot import write_loss_curve_or_warn
 from jaxllm.sharding import ConfigError as MeshConfigError, make_global_batch, make_mesh, replicated
 from jaxllm.state import Setup, make_setup
 from jaxllm.step import eval_step, train_step
@@ -234,6 +235,8 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
       if lm_data is not None:
         writer.text(f"data read (this run): {lm_data.summary()}")
       writer.close()
+  if jax.process_index() == 0:  # WORKDIR/loss_curve.png; a drawing error is a warning, never a failure
+    write_loss_curve_or_warn(workdir)
   if preempted:
     raise preemption.Preempted(step)
 
