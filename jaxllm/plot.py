@@ -10,12 +10,13 @@ headless (matplotlib's Agg canvas, no pyplot and no display).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 from typing import Any
+
+from jaxllm.metrics import read_records
 
 LOSS_CURVE = "loss_curve.png"  # the picture a run leaves in its workdir
 
@@ -32,15 +33,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   if not os.path.isfile(path):
     raise PlotError(f"{workdir} has no metrics.jsonl; is it a training workdir, and has the run "
                     "logged a step yet?")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(record, dict) and "step" in record:
-        records.append(record)
+  records = read_records(path)
   if not records:
     raise PlotError(f"{path} holds no metrics yet.")
   return records
