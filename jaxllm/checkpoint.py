@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -124,6 +125,24 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class _NoStateMetadataNotice(logging.Filter):
+  """orbax warns that a step's state/ has no _CHECKPOINT_METADATA when it is read directly: the
+  CheckpointManager writes that file one level up, so for load_params it is expected, not news."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_state_metadata():
+  notice = _NoStateMetadataNotice()
+  logging.getLogger("absl").addFilter(notice)
+  try:
+    yield
+  finally:
+    logging.getLogger("absl").removeFilter(notice)
+
+
 def load_params(path: str, abstract_params: Any, step: int | None = None, *, expected: Any = None) -> Any:
   """Loads only the model parameters from a jaxllm checkpoint dir (a workdir, its
   `checkpoints/` folder, or one step), for `init_from` (continued training, fine-tuning).
@@ -146,7 +165,7 @@ def load_params(path: str, abstract_params: Any, step: int | None = None, *, exp
   state_dir = os.path.join(step_dir, "state")
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  with _quiet_state_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
     stored = _stored_tree(checkpointer, state_dir)
     stored_params = _flat_params(stored)
     if not stored_params:

@@ -81,6 +81,20 @@ class MetricsWriter:
       self._tb.close()
 
 
+def read_records(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl, in order; a line cut short by a crash is skipped."""
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict) and "step" in record:
+        records.append(record)
+  return records
+
+
 def _drop_records_after(path: str, step: int) -> None:
   """Keeps one timeline in metrics.jsonl: a run resumed from the checkpoint at `step` after a
   crash logs the later steps again, so the records the crashed run wrote past it go."""

@@ -27,6 +27,7 @@ from jaxllm.data.task import TaskData, build_task_data
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.optim import merge_params
+from jaxllm.plot import write_loss_curve_or_warn
 from jaxllm.sharding import make_global_batch, make_mesh
 from jaxllm.state import Setup, compile_steps, make_setup
 
@@ -163,6 +164,8 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
       if r.data.read_so_far is not None:
         writer.text(r.data.read_so_far())
       writer.close()
+  if jax.process_index() == 0:  # WORKDIR/loss_curve.png; a drawing error is a warning, never a failure
+    write_loss_curve_or_warn(workdir)
   if step < config.train.steps:
     raise preemption.Preempted(step)
   if config.train.sample_prompt and r.data.prompt_ids is not None:

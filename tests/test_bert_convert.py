@@ -3,6 +3,8 @@ gives back every tensor, fill-mask on a converted model ranks as transformers do
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,86 @@ def test_unsupported_bert_variants_are_refused_in_one_line(tmp_path):
   with pytest.raises(ConvertError, match="position_embedding_type='relative_key' is not supported") as e:
     from_hf(str(tmp_path / "hf"), str(tmp_path / "out"))
   assert "\n" not in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def encoder_only(tmp_path_factory, converted):
+  """A random encoder-only BertModel (with its pooler) and its jaxllm import, through the CLI."""
+  from tests.helpers import run_cli  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("bert_encoder")
+  torch.manual_seed(1)
+  model = transformers.BertModel(tiny_bert_config()).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = p.ndim == 1 and name.endswith("weight")
+      p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+  hf_dir, jx_dir = str(root / "hf"), str(root / "jaxllm")
+  model.save_pretrained(hf_dir)
+  converted[5].save_pretrained(hf_dir)  # the WordPiece tokenizer of the masked-LM fixture
+  result = run_cli("jaxllm.convert", "from-hf", hf_dir, jx_dir, devices=2)
+  return model, hf_dir, jx_dir, result
+
+
+def test_encoder_only_bert_imports_exactly_with_an_initialised_head(encoder_only):
+  model, _, jx_dir, result = encoder_only
+  assert result.returncode == 0, result.stderr
+  notes = [l for l in result.stdout.splitlines() if "has no head" in l]
+  assert len(notes) == 1 and "BertModel" in notes[0] and "tied to the word embeddings" in notes[0]
+  model_cfg, params, _ = load_model_dir(jx_dir)
+  assert model_cfg.family == "bert" and model_cfg.tie_embeddings
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]), state["embeddings.word_embeddings.weight"])
+  np.testing.assert_array_equal(np.asarray(params["layer_1"]["mlp"]["wo"]["kernel"]),
+                                state["encoder.layer.1.output.dense.weight"].T)
+  # The head as transformers initialises BertForMaskedLM's: N(0, initializer_range), LayerNorm 1/0, bias 0.
+  kernel = np.asarray(params["mlm_dense"]["kernel"])
+  assert abs(kernel.std() - 0.02) < 0.005 and abs(kernel.mean()) < 0.005
+  np.testing.assert_array_equal(np.asarray(params["mlm_norm"]["scale"]), 1.0)
+  np.testing.assert_array_equal(np.asarray(params["mlm_bias"]), 0.0)
+  # Encoder outputs equal BertModel's last hidden state.
+  ids = np.random.RandomState(2).randint(0, VOCAB, (1, 17))
+  jax_model = build_model(model_cfg)
+  ours = jax_model.apply({"params": params}, jnp.asarray(ids), method=jax_model.encode)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_encoder_only_bert_exports_as_masked_lm_with_the_encoder_bit_for_bit(encoder_only, tmp_path, capsys):
+  model, _, jx_dir, _ = encoder_only
+  out = str(tmp_path / "exported")
+  assert to_hf(jx_dir, out).name == "BertForMaskedLM"
+  reloaded = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+  exported = reloaded.state_dict()
+  encoder = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+  for name, tensor in encoder.items():
+    np.testing.assert_array_equal(exported["bert." + name].numpy(), tensor.numpy(), err_msg=name)
+  assert "pipeline_tag: fill-mask" in open(f"{out}/README.md", encoding="utf-8").read()
+  assert not os.path.exists(f"{out}/generation_config.json")  # a masked LM does not generate
+  # fill_mask on the imported model ranks as transformers does on the exported one.
+  from jaxllm import fill_mask  # pylint: disable=import-outside-toplevel
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  text = "The river [MASK] through the city."
+  fill_mask.main(["--checkpoint", jx_dir, "--top-k", "3", text])
+  fields = capsys.readouterr().out.strip().splitlines()[1].split(":", 1)[1].split()
+  ids = tokenizer(text, return_tensors="pt")
+  with torch.no_grad():
+    logits = reloaded(**ids).logits[0]
+  position = ids["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+  assert fields[0::2] == tokenizer.convert_ids_to_tokens(torch.topk(logits[position], 3).indices.tolist())
+
+
+def test_masked_lm_pretraining_continues_from_an_encoder_only_bert(encoder_only, tmp_path):
+  from jaxllm import train  # pylint: disable=import-outside-toplevel
+  from tests.helpers import make_tiny_config  # pylint: disable=import-outside-toplevel
+  _, _, jx_dir, _ = encoder_only
+  config = make_tiny_config(tmp_path, task="mlm", init_from=jx_dir, **{
+      "model.dropout_rate": 0.0, "train.steps": 12, "train.log_every": 1, "train.eval_every": 12,
+      "train.checkpoint_every": 12, "optim.lr": 3e-3, "optim.warmup_steps": 2, "optim.weight_decay": 0.0})
+  workdir = str(tmp_path / "run")
+  train.run(config, workdir)
+  import json  # pylint: disable=import-outside-toplevel
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+  losses = [r["loss"] for r in records]
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["family"] == "bert"
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])

@@ -206,8 +206,9 @@ def test_cli_round_trip(zoo, tmp_path, capsys):
   result = run_cli("jaxllm.convert", "to-hf", jx, back, "--step", "0", "--max-shard-size", "1GB")
   assert result.returncode == 0, result.stderr
   assert "BloomForCausalLM" in result.stdout
-  assert sorted(os.listdir(back)) == ["config.json", "model.safetensors", "tokenizer.json",
-                                      "tokenizer_config.json"]
+  assert sorted(os.listdir(back)) == ["README.md", "config.json", "generation_config.json",
+                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+  assert "Not trained with jaxllm" in open(os.path.join(back, "README.md"), encoding="utf-8").read()
   original, exported = read_safetensors(hf_dir), read_safetensors(back)
   assert sorted(original) == sorted(exported)
   assert all(np.array_equal(original[k], exported[k]) for k in original)

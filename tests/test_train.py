@@ -124,6 +124,7 @@ def test_cli_trains_writes_metrics_config_and_checkpoints(tmp_path):
   assert resolved["train"]["steps"] == 4  # the command-line override is what was recorded
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]  # checkpoint_every=3, and the end
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir / "tensorboard"))
+  assert (workdir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"  # the run's picture (test_plot.py)
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -57,6 +57,10 @@ def _convert(args: argparse.Namespace) -> None:
     cfg = from_hf(args.hf_dir, args.out_dir, param_dtype=args.param_dtype, overwrite=args.overwrite)
     print(f"wrote {args.out_dir}: {cfg.num_params() / 1e6:.2f}M parameters "
           f"({cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.position} positions)")
+    from jaxllm.convert.importer import head_note  # pylint: disable=import-outside-toplevel
+    note = head_note(args.hf_dir)
+    if note:
+      print(note)
   else:
     arch = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, max_shard_size=args.max_shard_size,
                  dtype=args.dtype, overwrite=args.overwrite)

@@ -46,6 +46,11 @@ class Architecture:
   ignored: tuple[str, ...] = ()
   # The base model's prefix ("transformer."); some hub checkpoints store names without it.
   base_prefix: str = ""
+  # HF classes of the same model without this one's head (BertModel for BertForMaskedLM): their
+  # checkpoints import as this architecture, with the head's tensors from init_head(hf_config)
+  # (by HF name, initialised as transformers initialises them).
+  headless: tuple[str, ...] = ()
+  init_head: Callable[[Any], dict[str, np.ndarray]] | None = None
 
 
 def refuse(hf_name: str, option: str, value: Any, why: str = "") -> ConvertError:

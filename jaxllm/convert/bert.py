@@ -2,11 +2,15 @@
 
 HF BERT keeps q, k, v and every projection as torch Linear weights ([out, in]); the MLM
 decoder shares the word embedding, so only `cls.predictions.bias` is its own tensor.
+An encoder-only `BertModel` checkpoint imports too: its encoder exactly, and a masked-LM head
+initialised as transformers initialises BertForMaskedLM's (`init_head`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 from jaxllm.convert.base import Architecture, Rule, copy, export_problems, linear, norm, refuse, reshape
 from jaxllm.models.config import ModelConfig
@@ -81,6 +85,23 @@ def rules(cfg: ModelConfig) -> list[Rule]:
   return out
 
 
+HEAD_SEED = 0  # the initialised head is the same on every import
+
+
+def init_head(hf: Any) -> dict[str, np.ndarray]:
+  """BertForMaskedLM's head for a BertModel checkpoint, as transformers' _init_weights makes it:
+  the transform's dense weight ~ N(0, initializer_range), biases 0, LayerNorm 1 and 0. The
+  decoder needs nothing: it is the word embedding (tied)."""
+  d = hf.hidden_size
+  rng = np.random.default_rng(HEAD_SEED)
+  return {"cls.predictions.transform.dense.weight":
+              rng.normal(0.0, hf.initializer_range, (d, d)).astype(np.float32),  # [out, in]
+          "cls.predictions.transform.dense.bias": np.zeros(d, np.float32),
+          "cls.predictions.transform.LayerNorm.weight": np.ones(d, np.float32),
+          "cls.predictions.transform.LayerNorm.bias": np.zeros(d, np.float32),
+          "cls.predictions.bias": np.zeros(hf.vocab_size, np.float32)}
+
+
 ARCHITECTURE = Architecture(
     name=_NAME, model_type="bert", auto_class="AutoModelForMaskedLM", model_config=model_config,
     export_problem=export_problem, hf_config=hf_config, rules=rules,
@@ -88,4 +109,4 @@ ARCHITECTURE = Architecture(
     # saved from BertForPreTraining also carry the pooler and next-sentence head, which MLM does not use.
     ignored=(r"^cls\.predictions\.decoder\.(weight|bias)$", r"position_ids$", r"^(bert\.)?pooler\.",
              r"^cls\.seq_relationship\."),
-    base_prefix="bert.")
+    base_prefix="bert.", headless=("BertModel",), init_head=init_head)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint
+import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
@@ -136,6 +137,8 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
     write_weights(tmp, rules, flat, dtype, max_bytes)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
+    model_card.write(tmp, model_dir=model_dir, target=hf_dir, arch=arch, cfg=model_cfg, run_config=run_config,
+                     tokenizer=tokenizer, step=step, dtype=dtype, max_shard_size=max_shard_size)
     finish_output(tmp, hf_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -81,9 +81,10 @@ def _place(array: np.ndarray, sharding: jax.sharding.Sharding, dtype) -> jax.Arr
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _resolve_names(source: TensorSource, arch: Architecture, rules, tied: bool) -> dict[str, str]:
-  """Rule name -> the name in this checkpoint; refuses missing and unexpected tensors."""
-  available = set(source.names())
+def _resolve_names(source: TensorSource, arch: Architecture, rules, tied: bool,
+                   initialised: dict[str, np.ndarray]) -> dict[str, str]:
+  """Rule name -> the name in this checkpoint (or in `initialised`); refuses missing and unexpected tensors."""
+  available = set(source.names()) | set(initialised)
   resolved, missing = {}, []
   for rule in rules:
     if rule.hf in available:
@@ -115,8 +116,12 @@ def target_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[dict
 
 
 def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
-                   mesh: jax.sharding.Mesh, layout: tuple[dict, dict] | None = None) -> dict:
-  """The jaxllm params tree, each leaf a global array laid out with its logical sharding."""
+                   mesh: jax.sharding.Mesh, layout: tuple[dict, dict] | None = None,
+                   initialised: dict[str, np.ndarray] | None = None) -> dict:
+  """The jaxllm params tree, each leaf a global array laid out with its logical sharding.
+
+  `initialised` holds HF tensors the checkpoint lacks (a headless checkpoint's head), by HF name."""
+  initialised = initialised or {}
   abstract, shardings = layout or target_layout(model_cfg, mesh)
   rules = arch.rules(model_cfg)
   covered = [p for rule in rules for p in rule.params]
@@ -124,9 +129,10 @@ def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
     raise AssertionError(f"{arch.name} rules cover {sorted(set(covered) ^ set(abstract))} wrongly")
   flat = {}
   with TensorSource(hf_dir) as source:
-    names = _resolve_names(source, arch, rules, model_cfg.tie_embeddings)
+    names = _resolve_names(source, arch, rules, model_cfg.tie_embeddings, initialised)
     for rule in rules:
-      tensor = source.get(names[rule.hf])
+      name = names[rule.hf]
+      tensor = initialised[name] if name in initialised else source.get(name)
       try:
         parts = rule.to_jax(tensor)
       except ValueError as e:
@@ -139,6 +145,23 @@ def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
         flat[path] = _place(part, shardings[path], abstract[path].dtype)
       del tensor, parts
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def hf_class(hf_cfg: Any) -> str:
+  """The HF class config.json names (the architecture's own when it names none)."""
+  names = getattr(hf_cfg, "architectures", None) or []
+  return names[0] if len(names) == 1 else architecture_of(hf_cfg).name
+
+
+def head_note(hf_dir: str) -> str | None:
+  """For a headless checkpoint (BertModel): one line saying that the head was initialised."""
+  hf_cfg = read_hf_config(hf_dir)
+  arch, name = architecture_of(hf_cfg), hf_class(hf_cfg)
+  if name not in arch.headless:
+    return None
+  return (f"{name} has no head: the encoder is imported exactly and {arch.name}'s head is initialised "
+          f"(N(0, {hf_cfg.initializer_range}) dense, LayerNorm 1/0, bias 0; decoder tied to the word "
+          "embeddings); train it with task='mlm' before its predictions mean anything.")
 
 
 def load_hf_tokenizer(hf_dir: str):
@@ -192,7 +215,8 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32", overwrit
   tmp = prepare_output(out_dir, overwrite)
   try:
     tokenizer = load_hf_tokenizer(hf_dir)
-    params = load_hf_params(hf_dir, arch, model_cfg, mesh or default_mesh())
+    head = arch.init_head(hf_cfg) if hf_class(hf_cfg) in arch.headless else None
+    params = load_hf_params(hf_dir, arch, model_cfg, mesh or default_mesh(), initialised=head)
     checkpoint.save_model_dir(tmp, run_config.to_dict(), params, tokenizer)
     finish_output(tmp, out_dir)
   except BaseException:

@@ -23,6 +23,11 @@ def architectures() -> dict[str, Architecture]:
 
 
 def get_architecture(name: str) -> Architecture:
-  if name not in _MODULES:
-    raise ConvertError(f"architecture {name!r} is not supported; jaxllm converts {', '.join(_MODULES)}.")
-  return importlib.import_module(_MODULES[name]).ARCHITECTURE
+  """The architecture that imports HF class `name` (a registered one, or one it is the headless base of)."""
+  if name in _MODULES:
+    return importlib.import_module(_MODULES[name]).ARCHITECTURE
+  for arch in architectures().values():
+    if name in arch.headless:
+      return arch
+  supported = [n for a in architectures().values() for n in (a.name, *a.headless)]
+  raise ConvertError(f"architecture {name!r} is not supported; jaxllm converts {', '.join(supported)}.")
