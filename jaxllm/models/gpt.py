@@ -91,7 +91,7 @@ class GPT(nn.Module):
   def logits(self, x: Array) -> Array:
     x = self.final_norm(x).astype(self.cfg.compute_dtype)
     if self.cfg.tie_embeddings:
-      out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype))  # = self.embed.attend(x)
+      out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype), self.cfg)  # = embed.attend(x)
     else:
       out = self.lm_head(x)
     return out.astype(jnp.float32)
