@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from jaxllm.models import stacking
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used; the message says why and what to do."""
@@ -104,11 +106,30 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   except (ValueError, KeyError, TypeError) as e:
+    _refuse_other_layer_layout(manager, step, abstract_state)
     raise CheckpointError(
         f"checkpoint step {step} in {manager.directory} does not fit this model/config "
         f"({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was trained with."
     ) from e
   return restored["state"], restored["data"], step
+
+
+def _refuse_other_layer_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """One line saying how to go on when a run's checkpoint has the other layer layout
+  (unrolled layer_0.. from before scanned layers, or stacked `layers`)."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = _stored_tree(checkpointer, os.path.join(str(manager.directory), str(step), "state"))
+  stored_params = dict(stored.get("params") or {})
+  params = getattr(abstract_state, "params", {}) or {}
+  if stacking.is_unrolled(stored_params) and stacking.is_stacked(params):
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} has unrolled layers (layer_0 ...) from before "
+        "model.scan_layers; resume it with --config.model.scan_layers=False, or start a new workdir "
+        f"with --config.init_from={os.path.dirname(str(manager.directory))} (converted on read).")
+  if stacking.is_stacked(stored_params) and stacking.is_unrolled(params):
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} has scanned layers (layers/...); resume it "
+        "with --config.model.scan_layers=True.")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -134,7 +155,11 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
   if not os.path.isdir(state_dir):
     raise CheckpointError(f"init_from={step_dir}: no 'state' directory; not a jaxllm checkpoint.")
   with ocp.PyTreeCheckpointer() as checkpointer:
-    restore_target = _split_like_stored(abstract_params, _stored_tree(checkpointer, state_dir))
+    stored = _stored_tree(checkpointer, state_dir)
+    # Checkpoints written before scanned layers hold layer_0..; they are restacked on read.
+    abstract_params, to_model_layout = stacking.match_stored(
+        abstract_params, [dict(stored.get(k) or {}) for k in ("params", "frozen")])
+    restore_target = _split_like_stored(abstract_params, stored)
     try:
       restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
           item=restore_target, restore_args=ocp.checkpoint_utils.construct_restore_args(restore_target),
@@ -149,7 +174,7 @@ def load_params(path: str, abstract_params: Any, step: int | None = None) -> Any
   if missing:
     raise CheckpointError(f"init_from={step_dir}: the checkpoint has no {', '.join(missing[:3])}"
                           f"{' ...' if len(missing) > 3 else ''}; it was saved for another model config.")
-  return traverse_util.unflatten_dict(flat)
+  return to_model_layout(traverse_util.unflatten_dict(flat))
 
 
 def _stored_tree(checkpointer: ocp.PyTreeCheckpointer, state_dir: str) -> dict:

@@ -23,6 +23,7 @@ def default_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0, dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
       remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False,
       matmul_impl="auto",     # auto (cpu_vjp on the CPU backend only) | xla | cpu_vjp: docs/performance.md
+      scan_layers=True,       # blocks under nn.scan, parameters stacked [num_layers, ...] as layers/...
       num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(

@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("seq", None),
+    ("layers", None),  # the stacked axis of scanned layers: each device holds every layer's share
 )
 
 

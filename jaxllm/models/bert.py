@@ -4,7 +4,8 @@ Post-norm blocks (x = norm(x + attn(x)); x = norm(x + mlp(x))), learned absolute
 token-type embeddings summed with the word embedding and normalised, bidirectional attention,
 an optional [CLS] pooler, and the MLM head of BertForMaskedLM: dense -> activation -> norm ->
 the word embedding transposed (tied) + a per-token bias. Parameter paths:
-`embed`, `pos_embed`, `type_embed`, `embed_norm`, `layer_i/{attn,attn_norm,mlp,mlp_norm}`,
+`embed`, `pos_embed`, `type_embed`, `embed_norm`, `layers/{attn,attn_norm,mlp,mlp_norm}` (stacked;
+`layer_i/...` with model.scan_layers=False),
 `pooler`, `mlm_dense`, `mlm_norm`, `mlm_bias`.
 """
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.gpt import REMAT_POLICIES
+from jaxllm.models.gpt import make_layers
 from jaxllm.models.layers import Attention, Mlp, activation_fn, attention_mask, dense_init, make_norm, zeros_init
 
 Array = jax.Array
@@ -26,14 +27,15 @@ class EncoderBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True
+               ) -> tuple[Array, None]:
     cfg = self.cfg
     h = Attention(cfg, causal=False, name="attn")(x, positions, mask, None, deterministic)
     x = make_norm(cfg, "attn_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
     x = x.astype(cfg.compute_dtype)
     h = Mlp(cfg, name="mlp")(x, deterministic)
     x = make_norm(cfg, "mlp_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
-    return x.astype(cfg.compute_dtype)
+    return x.astype(cfg.compute_dtype), None  # (carry, no per-layer output), as nn.scan wants
 
 
 class Bert(nn.Module):
@@ -50,12 +52,8 @@ class Bert(nn.Module):
     self.type_embed = embed(cfg.type_vocab_size, (None, "embed"), cfg.init_std)
     self.embed_norm = make_norm(cfg, "embed_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
-    block = EncoderBlock
-    if cfg.remat != "none":
-      # `deterministic` (argument 4, counting the module as 0) is a Python bool.
-      block = nn.remat(EncoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True,
-                       static_argnums=(4,))
-    self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    # `deterministic` (argument 4, counting the module as 0) is a Python bool.
+    self.layers = make_layers(EncoderBlock, cfg, 4, (nn.broadcast, nn.broadcast, nn.broadcast))
     # d_model -> d_model: FSDP splits the input side only (one axis name may appear once).
     square = lambda: nn.Dense(  # noqa: E731
         cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -79,8 +77,11 @@ class Bert(nn.Module):
     x = self.embed_norm(x).astype(self.cfg.compute_dtype)
     x = self.dropout(x, deterministic=deterministic)
     mask = attention_mask(seq_len, segment_ids, None, causal=False, batch=batch)
-    for layer in self.layers:
-      x = layer(x, positions, mask, deterministic)
+    if self.cfg.scan_layers:
+      x, _ = self.layers(x, positions, mask, deterministic)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, positions, mask, deterministic)
     return x
 
   def pool(self, hidden: Array) -> Array:

@@ -44,6 +44,7 @@ class ModelConfig:
   # auto: cpu_vjp on the CPU backend, xla elsewhere | xla: plain lax.dot_general |
   # cpu_vjp: Dense backwards laid out for XLA CPU (jaxllm/models/cpu_matmul.py)
   matmul_impl: str = "auto"
+  scan_layers: bool = True       # the blocks under nn.scan, parameters stacked `layers/...` [num_layers, ...]
   num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
   # BERT only.
   type_vocab_size: int = 2
