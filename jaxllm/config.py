@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
+      # causal LM: the training cross-entropy from features, this many positions of float32
+      # logits at a time (jaxllm/losses.py); 0 = all the logits at once
+      loss_chunk_size=0,
       tensorboard=True, progress=True,
       # A step with non-finite gradients (or loss) never updates the parameters; it is counted
       # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after

@@ -16,8 +16,10 @@ import optax
 
 from jaxllm import faults, optim
 from jaxllm.models import ModelConfig, build_model
+from jaxllm.models.gpt import GPT, output_head
 from jaxllm.sharding import logical_shardings, replicated
-from jaxllm.step import Batch, TrainState
+from jaxllm.losses import chunked_cross_entropy
+from jaxllm.step import Batch, LossFn, TrainState
 
 
 @dataclasses.dataclass
@@ -31,6 +33,7 @@ class Setup:
   state_shardings: TrainState
   abstract_state: TrainState
   init_fn: Callable[[jax.Array], TrainState]
+  loss_fn: LossFn | None = None  # None: cross-entropy of apply_fn's logits
 
 
 def lm_apply_fn(model: nn.Module):
@@ -40,6 +43,17 @@ def lm_apply_fn(model: nn.Module):
                        segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
                        deterministic=deterministic, rngs={"dropout": rng})
   return apply_fn
+
+
+def chunked_lm_loss(model: nn.Module, chunk_size: int) -> LossFn:
+  """The causal-LM loss from the model's features, `chunk_size` positions of logits at a time."""
+  def loss_fn(params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    features = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                           segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
+                           deterministic=False, rngs={"dropout": rng}, method=GPT.features)
+    return chunked_cross_entropy(features, output_head(params, model.cfg), batch["targets"],
+                                 batch["weights"], chunk_size)
+  return loss_fn
 
 
 def encoder_apply_fn(model: nn.Module):
@@ -95,9 +109,11 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
                       opt_state=optimizer.init(trainable))
 
   init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  chunk_size = config.train.get("loss_chunk_size", 0)
+  loss_fn = chunked_lm_loss(model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
   return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
                apply_fn=apply_fn_factory(model), state_shardings=state_shardings,
-               abstract_state=abstract_state, init_fn=init_fn)
+               abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn)
 
 
 def param_shardings_of(setup: Setup) -> Any:

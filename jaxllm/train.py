@@ -43,7 +43,8 @@ DIVERGED_EXIT_CODE = 3
 def compile_steps(setup: Setup, config: Any, mesh):
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
-                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh)
+                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh,
+                              loss_fn=setup.loss_fn)
   jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
                       out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
   jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),

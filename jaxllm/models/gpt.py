@@ -106,7 +106,11 @@ class GPT(nn.Module):
     return x
 
   def logits(self, x: Array) -> Array:
-    x = self.final_norm(x).astype(self.cfg.compute_dtype)
+    """The last block's output [..., d_model] -> float32 logits [..., vocab]."""
+    return self.head(self.final_norm(x).astype(self.cfg.compute_dtype))
+
+  def head(self, x: Array) -> Array:
+    """Final-normed features [..., d_model] -> float32 logits [..., vocab] (see `output_head`)."""
     if self.cfg.tie_embeddings:
       out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype), self.cfg)  # = embed.attend(x)
     else:
@@ -118,6 +122,13 @@ class GPT(nn.Module):
                deterministic: bool = True) -> Array:
     """tokens [batch, seq] int; positions [batch, seq] (restart per packed document);
     segment_ids [batch, seq] (documents never attend across); prefix_len [batch] (prefix-LM)."""
+    return self.head(self.features(tokens, positions, segment_ids, prefix_len, deterministic))
+
+  def features(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """The final-normed features [batch, seq, d_model] that the output head turns into logits
+    (a chunked loss multiplies them by `output_head` piece by piece: jaxllm/losses.py)."""
     cfg = self.cfg
     batch, seq_len = tokens.shape
     if positions is None:
@@ -144,7 +155,8 @@ class GPT(nn.Module):
       if mask is None:  # the bias path needs the causal mask spelled out
         mask = attention_mask(seq_len, jnp.zeros((batch, seq_len), jnp.int32), None, True, batch)
     x, _ = self.run_layers(x, positions, mask, bias, deterministic)
-    return self.logits(x[:, num_virtual:])  # virtual positions predict nothing and get no loss
+    x = x[:, num_virtual:]  # virtual positions predict nothing and get no loss
+    return self.final_norm(x).astype(cfg.compute_dtype)
 
   def decode(self, tokens: Array, cache: KVCache | tuple[KVCache, ...], cache_index: Array,
              key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,
