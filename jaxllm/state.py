@@ -109,10 +109,11 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh,
                       opt_state=optimizer.init(trainable))
 
   init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  step_model = build_model(model_cfg, mesh)  # the same parameters, activations pinned to the mesh
   chunk_size = config.train.get("loss_chunk_size", 0)
-  loss_fn = chunked_lm_loss(model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
+  loss_fn = chunked_lm_loss(step_model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
   return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
-               apply_fn=apply_fn_factory(model), state_shardings=state_shardings,
+               apply_fn=apply_fn_factory(step_model), state_shardings=state_shardings,
                abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn)
 
 

@@ -185,3 +185,26 @@ def test_weight_decay_spares_biases_norms_and_embeddings_unless_asked():
   for decay_embeddings, decayed_embeddings in ((False, set()), (True, {"embed/embedding", "pos_embed/embedding"})):
     mask = {"/".join(p): v for p, v in traverse_util.flatten_dict(decay_mask(params, decay_embeddings)).items()}
     assert {n for n, v in mask.items() if v} == {n for n in names if "kernel" in n} | decayed_embeddings
+
+
+def test_the_step_pins_activations_by_logical_name(tmp_path):
+  """The train step's blocks carry sharding constraints (batch over data x fsdp, heads and MLP
+  width over tensor); models built without a mesh (init, decoding) carry none."""
+  from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
+  from jaxllm.train import compile_steps  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(tmp_path, **{**SHARDABLE, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  model_cfg = validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  setup = make_setup(config, model_cfg, mesh)
+  jit_train, _ = compile_steps(setup, config, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          setup.abstract_state, setup.state_shardings)
+  batch = {k: jax.ShapeDtypeStruct((8, 32), np.int32) for k in ("inputs", "targets")}
+  batch["weights"] = jax.ShapeDtypeStruct((8, 32), np.float32)
+  text = jit_train.lower(abstract, batch, jax.random.key(0)).as_text()
+  assert text.count("sharding_constraint") >= 5  # hidden in/out, q, k, v, mlp: inside the scanned block
+  assert '[{"data", "fsdp"}, {}, {"tensor"}, {}]' in text  # q, k, v [batch, seq, heads, head_dim]
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in text  # the MLP's hidden [batch, seq, d_ff]
+  plain = jax.jit(lambda p, t: build_model(model_cfg).apply({"params": p}, t)).lower(
+      setup.abstract_state.params, batch["inputs"]).as_text()
+  assert "sharding_constraint" not in plain

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.gpt import make_layers
-from jaxllm.models.layers import Attention, Mlp, activation_fn, attention_mask, dense_init, make_norm, zeros_init
+from jaxllm.models.layers import (HIDDEN, Attention, Mlp, activation_fn, attention_mask, constrain, dense_init,
+                                  make_norm, zeros_init)
 
 Array = jax.Array
 
@@ -25,22 +26,25 @@ Array = jax.Array
 class EncoderBlock(nn.Module):
   """Post-norm transformer block with bidirectional attention (the original BERT layout)."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True
                ) -> tuple[Array, None]:
     cfg = self.cfg
-    h = Attention(cfg, causal=False, name="attn")(x, positions, mask, None, deterministic)
+    x = constrain(x, HIDDEN, self.mesh)
+    h = Attention(cfg, self.mesh, causal=False, name="attn")(x, positions, mask, None, deterministic)
     x = make_norm(cfg, "attn_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
     x = x.astype(cfg.compute_dtype)
-    h = Mlp(cfg, name="mlp")(x, deterministic)
+    h = Mlp(cfg, self.mesh, name="mlp")(x, deterministic)
     x = make_norm(cfg, "mlp_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
-    return x.astype(cfg.compute_dtype), None  # (carry, no per-layer output), as nn.scan wants
+    return constrain(x.astype(cfg.compute_dtype), HIDDEN, self.mesh), None  # (carry, no per-layer output), as nn.scan wants
 
 
 class Bert(nn.Module):
   """Encoder + MLM head. `__call__` returns MLM logits [batch, seq, vocab] in float32."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # see GPT
 
   def setup(self):
     cfg = self.cfg
@@ -53,7 +57,7 @@ class Bert(nn.Module):
     self.embed_norm = make_norm(cfg, "embed_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
     # `deterministic` (argument 4, counting the module as 0) is a Python bool.
-    self.layers = make_layers(EncoderBlock, cfg, 4, (nn.broadcast, nn.broadcast, nn.broadcast))
+    self.layers = make_layers(EncoderBlock, cfg, self.mesh, 4, (nn.broadcast, nn.broadcast, nn.broadcast))
     # d_model -> d_model: FSDP splits the input side only (one axis name may appear once).
     square = lambda: nn.Dense(  # noqa: E731
         cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,

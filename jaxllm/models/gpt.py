@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Attention, KVCache, Mlp, alibi_bias, attention_mask, make_norm, tied_logits
+from jaxllm.models.layers import (HIDDEN, Attention, KVCache, Mlp, alibi_bias, attention_mask, constrain, make_norm,
+                                  tied_logits)
 
 Array = jax.Array
 
@@ -17,8 +18,8 @@ REMAT_POLICIES = {
 }
 
 
-def make_layers(block: type[nn.Module], cfg: ModelConfig, deterministic_argnum: int,
-                scan_in_axes: tuple) -> nn.Module | list[nn.Module]:
+def make_layers(block: type[nn.Module], cfg: ModelConfig, mesh: jax.sharding.Mesh | None,
+                deterministic_argnum: int, scan_in_axes: tuple) -> nn.Module | list[nn.Module]:
   """The stack of blocks, each rematerialised as `cfg.remat` says.
 
   With `cfg.scan_layers`, one `nn.scan` over the block: the step's program holds one layer
@@ -31,15 +32,16 @@ def make_layers(block: type[nn.Module], cfg: ModelConfig, deterministic_argnum: 
     block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
                      static_argnums=(deterministic_argnum,))
   if not cfg.scan_layers:
-    return [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    return [block(cfg, mesh, name=f"layer_{i}") for i in range(cfg.num_layers)]
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                  in_axes=scan_in_axes, length=cfg.num_layers,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, mesh, name="layers")
 
 
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
@@ -47,20 +49,23 @@ class Block(nn.Module):
                cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
     """Returns (x, new_cache); new_cache is None without `cache` (decoding, see Attention)."""
     cfg = self.cfg
+    x = constrain(x, HIDDEN, self.mesh)
     h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
-    h = Attention(cfg, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
+    h = Attention(cfg, self.mesh, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
     if cache is not None:
       h, cache = h
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
-    h = Mlp(cfg, name="mlp")(h, deterministic)
+    h = Mlp(cfg, self.mesh, name="mlp")(h, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return x, cache
+    return constrain(x, HIDDEN, self.mesh), cache
 
 
 class GPT(nn.Module):
-  """Decoder-only language model. Returns logits [batch, seq, vocab] in float32."""
+  """Decoder-only language model. Returns logits [batch, seq, vocab] in float32. With `mesh`,
+  activations inside the blocks are constrained by logical name (the train step's model)."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   def setup(self):
     cfg = self.cfg
@@ -83,7 +88,7 @@ class GPT(nn.Module):
       self.embed_norm = make_norm(cfg, "embed_norm")
     # `deterministic` (argument 5) is a Python bool; the cache (6) is scanned over with the layers.
     broadcast = nn.broadcast
-    self.layers = make_layers(Block, cfg, 5, (broadcast, broadcast, broadcast, broadcast, 0, broadcast))
+    self.layers = make_layers(Block, cfg, self.mesh, 5, (broadcast, broadcast, broadcast, broadcast, 0, broadcast))
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.final_norm = make_norm(cfg, "final_norm")
     if not cfg.tie_embeddings:

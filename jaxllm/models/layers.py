@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxllm.models import cpu_matmul
 from jaxllm.models.config import ModelConfig
+from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
 
@@ -25,6 +26,17 @@ def dense_init(std: float, axes: tuple[str, ...]):
 
 def zeros_init(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def constrain(x: Array, names: tuple[str, ...], mesh: jax.sharding.Mesh | None) -> Array:
+  """Pins activation x to the mesh by logical names (`activation_batch`, ...: sharding.LOGICAL_RULES),
+  so XLA's propagation cannot pick another layout inside the blocks; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, names, rules=LOGICAL_RULES, mesh=mesh)
+
+
+HIDDEN = ("activation_batch", "activation_seq", "activation_embed")  # [batch, seq, d_model]
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -150,6 +162,7 @@ class Attention(nn.Module):
   Returns (out, new_cache) in that case, else out.
   """
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
   causal: bool = True
 
   @nn.compact
@@ -165,6 +178,9 @@ class Attention(nn.Module):
     k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "key")(x)
     v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "value")(x)
     # q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]
+    q = constrain(q, ("activation_batch", "activation_seq", "activation_heads", None), self.mesh)
+    k = constrain(k, ("activation_batch", "activation_seq", "activation_kv_heads", None), self.mesh)
+    v = constrain(v, ("activation_batch", "activation_seq", "activation_kv_heads", None), self.mesh)
     if cfg.position == "rotary":
       q = rotary_embedding(q, positions, cfg.rope_theta)
       k = rotary_embedding(k, positions, cfg.rope_theta)
@@ -198,6 +214,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None, b
 class Mlp(nn.Module):
   """Feed-forward block: act(x W_in) W_out, or the gated form act(x W_gate) * (x W_up) W_out."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -212,6 +229,7 @@ class Mlp(nn.Module):
       h = h * dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_up")(x)
     else:
       h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi")(x))
+    h = constrain(h, ("activation_batch", "activation_seq", "activation_mlp"), self.mesh)  # [batch, seq, d_ff]
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return dense(cfg.d_model, ("mlp", "embed"), out_std, "wo")(h)
