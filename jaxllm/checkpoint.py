@@ -20,6 +20,7 @@ from flax import traverse_util
 
 from jaxllm import killpoints
 from jaxllm.errors import CheckpointError
+from jaxllm.models import stacking
 
 
 def make_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
@@ -108,17 +109,37 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   wanted = _flat_params({"params": getattr(abstract_state, "params", None),
                          "frozen": getattr(abstract_state, "frozen", None)})
   if wanted:  # a train state: its parameters must be exactly the model's, shapes included
+    _refuse_other_layer_layout(manager, step, abstract_state)
     check_params_fit(_flat_params(stored), wanted, wanted, where=where,
                      fix="resume with the config it was trained with (its config.json) or use a fresh --workdir")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   except (ValueError, KeyError, TypeError) as e:
+    _refuse_other_layer_layout(manager, step, abstract_state)
     raise CheckpointError(
         f"checkpoint step {step} in {manager.directory} does not fit this model/config "
         f"({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was trained with."
     ) from e
   return restored["state"], restored["data"], step
+
+
+def _refuse_other_layer_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
+  """One line saying how to go on when a run's checkpoint has the other layer layout
+  (unrolled layer_0.. from before scanned layers, or stacked `layers`)."""
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = _stored_tree(checkpointer, os.path.join(str(manager.directory), str(step), "state"))
+  stored_params = dict(stored.get("params") or {})
+  params = getattr(abstract_state, "params", {}) or {}
+  if stacking.is_unrolled(stored_params) and stacking.is_stacked(params):
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} has unrolled layers (layer_0 ...) from before "
+        "model.scan_layers; resume it with --config.model.scan_layers=False, or start a new workdir "
+        f"with --config.init_from={os.path.dirname(str(manager.directory))} (converted on read).")
+  if stacking.is_stacked(stored_params) and stacking.is_unrolled(params):
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} has scanned layers (layers/...); resume it "
+        "with --config.model.scan_layers=True.")
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -171,9 +192,13 @@ def load_params(path: str, abstract_params: Any, step: int | None = None, *, exp
     if not stored_params:
       raise CheckpointError(f"{step_dir}: cannot read which parameters the checkpoint holds; it is not "
                             "a jaxllm checkpoint or it is damaged.")
+    # Checkpoints written before scanned layers hold layer_0..; they are restacked on read.
+    stored_trees = [dict(stored.get(k) or {}) for k in ("params", "frozen")]
+    abstract_params, to_model_layout = stacking.match_stored(abstract_params, stored_trees)
+    expected_stored, _ = stacking.match_stored(expected if expected is not None else abstract_params,
+                                               stored_trees)
     check_params_fit(stored_params, traverse_util.flatten_dict(abstract_params),
-                     traverse_util.flatten_dict(expected if expected is not None else abstract_params),
-                     where=step_dir)
+                     traverse_util.flatten_dict(expected_stored), where=step_dir)
     restore_target = _split_like_stored(abstract_params, stored)
     try:
       restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
@@ -184,7 +209,7 @@ def load_params(path: str, abstract_params: Any, step: int | None = None, *, exp
                             f"({str(e).splitlines()[0][:200]}).") from e
   flat = traverse_util.flatten_dict(restored.get("frozen") or {})
   flat.update(traverse_util.flatten_dict(restored["params"]))
-  return traverse_util.unflatten_dict(flat)
+  return to_model_layout(traverse_util.unflatten_dict(flat))
 
 
 def _path(key: tuple) -> str:

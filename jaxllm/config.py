@@ -23,6 +23,8 @@ def default_config() -> ml_collections.ConfigDict:
       activation="gelu_tanh", use_bias=True, tie_embeddings=True, embed_norm=False,
       rope_theta=10000.0, dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
       remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False,
+      matmul_impl="auto",     # auto (cpu_vjp on the CPU backend only) | xla | cpu_vjp: docs/performance.md
+      scan_layers=True,       # blocks under nn.scan, parameters stacked [num_layers, ...] as layers/...
       num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(
@@ -73,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
       peak_flops=0.0,         # device peak FLOP/s for MFU; 0 = looked up (or measured on CPU)
+      # causal LM: the training cross-entropy from features, this many positions of float32
+      # logits at a time (jaxllm/losses.py); 0 = all the logits at once
+      loss_chunk_size=0,
       tensorboard=True, progress=True,
       # A step with non-finite gradients (or loss) never updates the parameters; it is counted
       # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models import GPT, ModelConfig
-from jaxllm.models.gpt import output_head
+from jaxllm.models.gpt import init_cache, output_head
 from jaxllm.models.layers import KVCache
 from jaxllm.sampling import GenerationError, SamplingConfig, sample
 from jaxllm.sharding import logical_shardings
@@ -39,7 +39,9 @@ CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 class DecodeState(NamedTuple):
   """Everything the decode loop carries; one row per sequence, one slot per cache position."""
-  cache: tuple[KVCache, ...]  # per layer, k and v [batch, kv_heads, max_len, head_dim]
+  # k and v [batch, kv_heads, max_len, head_dim] per layer: one KVCache stacked
+  # [num_layers, ...] for scanned layers, else a tuple of them (`gpt.init_cache`)
+  cache: KVCache | tuple[KVCache, ...]
   tokens: Array               # [batch, max_len] int32: prefix/padding dummies, prompt, output
   key_positions: Array        # [batch, max_len] int32: the position of each slot's token
   key_valid: Array            # [batch, max_len] bool: False for padding slots
@@ -64,7 +66,9 @@ def _state_shardings(state: DecodeState, mesh: jax.sharding.Mesh) -> DecodeState
   def box(x, names):
     return nn.LogicallyPartitioned(jax.ShapeDtypeStruct(x.shape, x.dtype), names)
   boxed = state._replace(
-      cache=tuple(KVCache(box(c.k, CACHE_AXES), box(c.v, CACHE_AXES)) for c in state.cache),
+      cache=(KVCache(box(state.cache.k, ("layers",) + CACHE_AXES), box(state.cache.v, ("layers",) + CACHE_AXES))
+             if isinstance(state.cache, KVCache) else
+             tuple(KVCache(box(c.k, CACHE_AXES), box(c.v, CACHE_AXES)) for c in state.cache)),
       tokens=box(state.tokens, ("batch", "seq")),
       key_positions=box(state.key_positions, ("batch", "seq")),
       key_valid=box(state.key_valid, ("batch", "seq")),
@@ -79,12 +83,6 @@ def _constrain(state: DecodeState, mesh: jax.sharding.Mesh | None) -> DecodeStat
   if mesh is None:
     return state
   return jax.lax.with_sharding_constraint(state, _state_shardings(state, mesh))
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> tuple[KVCache, ...]:
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return tuple(KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-               for _ in range(cfg.num_layers))
 
 
 def _append(state: DecodeState, logits: Array, sampling: SamplingConfig) -> DecodeState:

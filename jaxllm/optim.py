@@ -1,6 +1,7 @@
 """AdamW with warmup-cosine, masked weight decay and clipping; the trainable/frozen split.
 
-The split is a regular expression over parameter paths ("layer_3/attn/query/kernel"):
+The split is a regular expression over parameter paths ("layers/attn/query/kernel", or
+"layer_3/attn/query/kernel" with model.scan_layers=False):
 what matches trains, the rest is frozen and never differentiated. Full training,
 prompt tuning and LoRA differ only in that pattern.
 """
@@ -38,8 +39,9 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
   (nanoGPT decays every 2-D weight, the tied embedding included)."""
   skip = NO_DECAY_NAMES - (EMBEDDING_NAMES if decay_embeddings else frozenset())
   flat = traverse_util.flatten_dict(params)
+  # Scanned layers add a leading [num_layers] axis that does not make a vector a matrix.
   return traverse_util.unflatten_dict({
-      path: not any(part in skip for part in path) and getattr(leaf, "ndim", 0) >= 2
+      path: not any(part in skip for part in path) and getattr(leaf, "ndim", 0) - (path[0] == "layers") >= 2
       for path, leaf in flat.items()})
 
 

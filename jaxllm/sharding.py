@@ -33,6 +33,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("seq", None),
+    ("layers", None),  # the stacked axis of scanned layers: each device holds every layer's share
+    # Activations inside the blocks (layers.constrain): the batch over data x fsdp, heads and
+    # MLP width over tensor; the model dimension whole (FSDP shards weights, not activations).
+    ("activation_batch", BATCH_AXES),
+    ("activation_seq", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
 )
 
 

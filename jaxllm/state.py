@@ -17,8 +17,10 @@ import optax
 
 from jaxllm import faults, optim
 from jaxllm.models import ModelConfig, build_model
+from jaxllm.models.gpt import GPT, output_head
 from jaxllm.sharding import logical_shardings, replicated
-from jaxllm.step import Batch, TrainState, eval_step, train_step
+from jaxllm.losses import chunked_cross_entropy
+from jaxllm.step import Batch, LossFn, TrainState, eval_step, train_step
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class Setup:
   state_shardings: TrainState
   abstract_state: TrainState
   init_fn: Callable[[jax.Array], TrainState]
+  loss_fn: LossFn | None = None  # None: cross-entropy of apply_fn's logits
 
 
 def lm_apply_fn(model: nn.Module):
@@ -41,6 +44,17 @@ def lm_apply_fn(model: nn.Module):
                        segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
                        deterministic=deterministic, rngs={"dropout": rng})
   return apply_fn
+
+
+def chunked_lm_loss(model: nn.Module, chunk_size: int) -> LossFn:
+  """The causal-LM loss from the model's features, `chunk_size` positions of logits at a time."""
+  def loss_fn(params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    features = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
+                           segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
+                           deterministic=False, rngs={"dropout": rng}, method=GPT.features)
+    return chunked_cross_entropy(features, output_head(params, model.cfg), batch["targets"],
+                                 batch["weights"], chunk_size)
+  return loss_fn
 
 
 def encoder_apply_fn(model: nn.Module):
@@ -94,9 +108,12 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
                       opt_state=optimizer.init(trainable))
 
   init_fn = jax.jit(init_state, out_shardings=state_shardings)
+  step_model = build_model(model_cfg, mesh)  # the same parameters, activations pinned to the mesh
+  chunk_size = config.train.get("loss_chunk_size", 0)
+  loss_fn = chunked_lm_loss(step_model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
   return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
-               apply_fn=apply_fn_factory(model), state_shardings=state_shardings,
-               abstract_state=abstract_state, init_fn=init_fn)
+               apply_fn=apply_fn_factory(step_model), state_shardings=state_shardings,
+               abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn)
 
 
 def param_shardings_of(setup: Setup) -> Any:
@@ -114,7 +131,8 @@ def compile_steps(setup: Setup, config: Any, mesh: jax.sharding.Mesh):
   """
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
-                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh)
+                              schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh,
+                              loss_fn=setup.loss_fn)
   jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
                       out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
   jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),

@@ -16,6 +16,7 @@ import optax
 from flax import struct
 
 from jaxllm import faults
+from jaxllm.losses import cross_entropy
 from jaxllm.optim import merge_params
 from jaxllm.sharding import BATCH_AXES
 
@@ -32,11 +33,16 @@ class TrainState:
   opt_state: Any
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum of weighted token losses and the sum of weights (both float32 scalars)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-  weights = weights.astype(jnp.float32)
-  return jnp.sum(losses * weights), jnp.sum(weights)
+# loss_fn(params, batch, dropout_rng) -> (sum of weighted token losses, sum of weights)
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def logits_loss(apply_fn: ApplyFn) -> LossFn:
+  """The training loss from the model's logits (`cross_entropy`)."""
+  def loss_fn(params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = apply_fn(params, batch, rng, False)
+    return cross_entropy(logits, batch["targets"], batch["weights"])
+  return loss_fn
 
 
 def _split_micro_batches(batch: Batch, grad_accum: int, mesh: jax.sharding.Mesh | None) -> Batch:
@@ -62,13 +68,16 @@ def schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, rng: jax.Array, *, apply_fn: ApplyFn,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               grad_accum: int = 1, mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer update over `batch`, accumulating gradients over `grad_accum` micro-batches."""
+               grad_accum: int = 1, mesh: jax.sharding.Mesh | None = None,
+               loss_fn: LossFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update over `batch`, accumulating gradients over `grad_accum` micro-batches.
+  `loss_fn` (default: cross-entropy of `apply_fn`'s logits) may compute the loss another way,
+  e.g. chunked over the sequence (`state.chunked_lm_loss`)."""
   rng = jax.random.fold_in(rng, state.step)
+  loss_fn = loss_fn or logits_loss(apply_fn)
 
   def loss_sum(params, micro_batch, micro_rng):
-    logits = apply_fn(merge_params(params, state.frozen), micro_batch, micro_rng, False)
-    return cross_entropy(logits, micro_batch["targets"], micro_batch["weights"])
+    return loss_fn(merge_params(params, state.frozen), micro_batch, micro_rng)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
   if grad_accum == 1:

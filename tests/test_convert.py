@@ -221,14 +221,14 @@ def test_cli_round_trip(zoo, tmp_path, capsys):
 def test_train_init_from_converted_model(zoo, tmp_path):
   """train --config.init_from=DIR takes DIR's architecture and tokenizer and starts from its weights:
   with a zero learning rate the trained workdir exports back to the original HF tensors (training
-  only layer_1, so the checkpoint keeps the rest apart as frozen parameters)."""
+  only the MLPs, so the checkpoint keeps the rest apart as frozen parameters)."""
   import json  # pylint: disable=import-outside-toplevel
   from jaxllm import train  # pylint: disable=import-outside-toplevel
   from tests.helpers import make_tiny_config  # pylint: disable=import-outside-toplevel
   _, hf_dir, jx_dir, model_cfg, _ = zoo("llama_gqa")
   config = make_tiny_config(tmp_path, init_from=jx_dir, **{
       "train.steps": 2, "train.log_every": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
-      "train.trainable": "layer_1", "data.seq_len": 16, "optim.lr": 0.0, "optim.min_lr": 0.0, "model.dropout_rate": 0.0})
+      "train.trainable": "/mlp/", "data.seq_len": 16, "optim.lr": 0.0, "optim.min_lr": 0.0, "model.dropout_rate": 0.0})
   workdir = str(tmp_path / "run")
   metrics = train.run(config, workdir)
   assert np.isfinite(metrics["loss"])
@@ -257,11 +257,14 @@ def test_import_is_tensor_by_tensor_and_lands_sharded(tmp_path):
   sizes = [p.numel() * 4 for p in model.state_dict().values()]
   assert sum(sizes) > 30 * max(sizes)
   model_cfg = importer.ModelConfig.from_config(importer.model_section(importer.read_hf_config(str(tmp_path))))
+  mesh = importer.default_mesh()
+  layout = importer.target_layout(model_cfg, mesh)
+  # The first import also compiles the on-device stacking of the scanned layers (one small
+  # program per parameter shape, Python-side objects that do not grow with the model): warm up.
+  importer.load_hf_params(str(tmp_path), get_architecture("LlamaForCausalLM"), model_cfg, mesh, layout)
   reads = []
   original_get = TensorSource.get
   TensorSource.get = lambda self, name: reads.append(name) or original_get(self, name)
-  mesh = importer.default_mesh()
-  layout = importer.target_layout(model_cfg, mesh)
   tracemalloc.start()
   try:
     params = importer.load_hf_params(str(tmp_path), get_architecture("LlamaForCausalLM"), model_cfg, mesh,
@@ -273,10 +276,10 @@ def test_import_is_tensor_by_tensor_and_lands_sharded(tmp_path):
   assert sorted(reads) == sorted(model.state_dict()) and len(set(reads)) == len(reads)
   # Measured: 0.48 MB peak for a 5.3 MB model whose largest tensor is 0.13 MB (read + transposed copy).
   assert peak < 6 * max(sizes) < sum(sizes) / 6, (peak, max(sizes), sum(sizes))
-  wi = params["layer_3"]["mlp"]["wi_gate"]["kernel"]  # [embed, mlp]: embed split over fsdp=8
-  assert wi.sharding.mesh.shape["fsdp"] == 8 and wi.sharding.spec[0] == "fsdp"
-  assert {s.data.shape for s in wi.addressable_shards} == {(16, 256)}
-  np.testing.assert_array_equal(np.asarray(wi), model.state_dict()["model.layers.3.mlp.gate_proj.weight"].numpy().T)
+  wi = params["layers"]["mlp"]["wi_gate"]["kernel"]  # [layers, embed, mlp]: embed split over fsdp=8
+  assert wi.sharding.mesh.shape["fsdp"] == 8 and tuple(wi.sharding.spec)[:2] == (None, "fsdp")
+  assert {s.data.shape for s in wi.addressable_shards} == {(8, 16, 256)}
+  np.testing.assert_array_equal(np.asarray(wi[3]), model.state_dict()["model.layers.3.mlp.gate_proj.weight"].numpy().T)
 
 
 def test_hub_style_gpt2_names_and_buffers(zoo, tmp_path):

@@ -35,11 +35,12 @@ def detokenize(ids):
   return "".join(ALPHABET[i % len(ALPHABET)] for i in ids)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
 @pytest.mark.parametrize("name", list(POSITIONS))
-def test_cached_logits_match_full_forward(name):
+def test_cached_logits_match_full_forward(name, scan_layers):
   """Prefill + one token at a time on a left-padded batch gives, at every step, the logits
-  of the full-sequence forward of each row alone."""
-  cfg = tiny(**POSITIONS[name])
+  of the full-sequence forward of each row alone (stacked cache for scanned layers, else one per layer)."""
+  cfg = tiny(**POSITIONS[name], scan_layers=scan_layers)
   model, params = GPT(cfg), init_params(cfg)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 64, 5).tolist(), rng.integers(0, 64, 11).tolist()]

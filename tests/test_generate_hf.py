@@ -103,7 +103,7 @@ def test_sharded_mesh_matches_hf(converted):
   prompt, key_positions, key_valid = layout(prompts, 0, NEW)
   state = prefill(params, prompt, key_positions, key_valid, np.int32(-1), jax.random.key(0), None,
                   cfg=cfg, sampling=SamplingConfig().program_key(), mesh=mesh)
-  spec = tuple(state.cache[0].k.sharding.spec) + (None,) * 4  # [batch, kv_heads, max_len, head_dim]
+  spec = tuple(state.cache.k.sharding.spec)[1:] + (None,) * 4  # [layers, batch, kv_heads, max_len, head_dim]
   assert spec[:4] == ("data", "tensor", None, None)
 
 

@@ -1,4 +1,5 @@
-"""Hand-written backward passes (jaxllm/models/layers.py) equal JAX's own autodiff."""
+"""The CPU matmul backwards (jaxllm/models/cpu_matmul.py) equal JAX's own autodiff, and the model
+gives the same loss and gradients with either `model.matmul_impl`."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.models.layers import gelu_exact, matmul_dot_general, tied_logits
+from jaxllm.models import GPT, ModelConfig
+from jaxllm.models.cpu_matmul import matmul_dot_general, tied_logits
+from jaxllm.models.layers import gelu_exact
 
 
 def _grads(fn, *args):
@@ -51,3 +54,47 @@ def test_exact_gelu_value_and_slope():
   np.testing.assert_allclose(jax.vmap(jax.grad(gelu_exact))(x),
                              jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=False)))(x), rtol=1e-5, atol=1e-6)
   assert gelu_exact(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _gpt_loss(cfg: ModelConfig):
+  model = GPT(cfg)
+  tokens = jax.random.randint(jax.random.key(4), (2, 12), 0, cfg.vocab_size)
+  params = model.init(jax.random.key(5), tokens)["params"]
+
+  def loss(p):
+    logits = model.apply({"params": p}, tokens)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+  return loss, params
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_matmul_impls_give_the_same_loss_and_gradients(tie_embeddings):
+  base = dict(vocab_size=48, d_model=32, num_layers=2, num_heads=4, max_seq_len=16,
+              tie_embeddings=tie_embeddings)
+  results = []
+  for impl in ("xla", "cpu_vjp"):
+    loss, params = _gpt_loss(ModelConfig(**base, matmul_impl=impl))
+    results.append(jax.value_and_grad(loss)(params))
+  (loss_xla, grads_xla), (loss_cpu, grads_cpu) = results
+  np.testing.assert_allclose(loss_xla, loss_cpu, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_xla, grads_cpu)
+
+
+def test_forward_mode_autodiff_works_through_the_xla_matmuls():
+  loss, params = _gpt_loss(ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
+                                       max_seq_len=16, matmul_impl="xla"))
+  tangent = jax.tree.map(jnp.ones_like, params)
+  _, forward = jax.jvp(loss, (params,), (tangent,))
+  reverse = sum(jnp.sum(g) for g in jax.tree.leaves(jax.grad(loss)(params)))  # <grad, ones>
+  np.testing.assert_allclose(forward, reverse, rtol=1e-4)
+  with pytest.raises(TypeError):  # the CPU variant's custom_vjp has no forward mode
+    jax.jvp(_gpt_loss(ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
+                                  max_seq_len=16, matmul_impl="cpu_vjp"))[0], (params,), (tangent,))
+
+
+def test_auto_picks_the_cpu_variant_on_cpu_only():
+  assert ModelConfig(matmul_impl="auto").cpu_matmul == (jax.default_backend() == "cpu")
+  assert not ModelConfig(matmul_impl="xla").cpu_matmul
+  assert ModelConfig(matmul_impl="cpu_vjp").cpu_matmul
+  with pytest.raises(ValueError, match="matmul_impl"):
+    ModelConfig(matmul_impl="fast")

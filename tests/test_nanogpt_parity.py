@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.models.stacking import stack_layers
+
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +44,7 @@ def _jaxllm_params(torch_model):
                  "out": {"kernel": sd[h + "attn.c_proj.weight"].T.reshape(HEADS, hd, D)}},
         "attn_norm": {"scale": sd[h + "ln_1.weight"]}, "mlp_norm": {"scale": sd[h + "ln_2.weight"]},
         "mlp": {"wi": {"kernel": sd[h + "mlp.c_fc.weight"].T}, "wo": {"kernel": sd[h + "mlp.c_proj.weight"].T}}}
-  return jax.tree.map(jnp.asarray, params)
+  return stack_layers(jax.tree.map(jnp.asarray, params))  # scanned layers: [LAYERS, ...] under `layers`
 
 
 def test_shakespeare_char_recipe_trains_step_for_step_like_nanogpt():

@@ -12,7 +12,7 @@ import pytest
 from jaxllm import checkpoint, peft
 from jaxllm.config import ConfigError, default_config, validate
 from jaxllm.data import sft
-from jaxllm.models import GPT, ModelConfig
+from jaxllm.models import GPT, ModelConfig, stacking
 from jaxllm.tokenizer import train_bpe
 from tests.test_sft import make_records
 
@@ -63,7 +63,7 @@ def base(tmp_path_factory):
                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                       bos_token_id=0, eos_token_id=0, initializer_range=0.3)
   hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
-  params = gpt2_to_jaxllm(hf_model)
+  params = gpt2_to_jaxllm(hf_model)  # unrolled layer_i keys, as checkpoints before scan_layers
   run_config = default_config()
   run_config.model.update(model_section())
   base_dir = os.path.join(root, "base")
@@ -72,6 +72,7 @@ def base(tmp_path_factory):
 
 
 def jax_logits(model_cfg, params, ids):
+  params = stacking.like(params, model_cfg.scan_layers)
   return np.asarray(GPT(model_cfg).apply({"params": params}, jnp.asarray(ids)))
 
 
@@ -140,7 +141,8 @@ def test_only_the_prompt_trains_frozen_stays_bit_identical(tmp_path, base, sft_f
   params = peft.initial_params(config, setup, base["tokenizer"], jax.random.key(0))
   state = setup.init_fn(jax.random.key(0), params)
   frozen_before = jax.device_get(state.frozen)
-  np.testing.assert_array_equal(frozen_before["layer_1"]["mlp"]["wo"]["kernel"],
+  # The base was saved with unrolled layers (as before model.scan_layers): restacked on read.
+  np.testing.assert_array_equal(frozen_before["layers"]["mlp"]["wo"]["kernel"][1],
                                 base["params"]["layer_1"]["mlp"]["wo"]["kernel"])
   tok = base["tokenizer"]
   examples = [sft.encode_record(r, sft.get_template("human_assistant"), tok, 48)

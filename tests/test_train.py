@@ -34,12 +34,28 @@ def _train_losses(tmp_path, name, **overrides):
 
 
 def test_loss_is_the_same_on_every_mesh(tmp_path):
+  """Data, FSDP and tensor parallelism, scanned or unrolled layers, each remat policy: one loss curve.
+  (The same seed initialises scanned and unrolled layers differently, so the unrolled runs start
+  from the scanned run's first checkpoint.)"""
   reference, _ = _train_losses(tmp_path, "ref", **{"mesh.data": 8, "mesh.fsdp": 1, "mesh.tensor": 1})
   assert np.all(np.isfinite(reference)) and reference[-1] < reference[0]
-  for mesh in [(1, 8, 1), (1, 1, 8), (2, 2, 2)]:
-    got, _ = _train_losses(tmp_path, "x".join(map(str, mesh)), **{
-        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
-    np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=f"mesh {mesh}")
+  for mesh, remat in [((1, 8, 1), "none"), ((1, 1, 8), "none"), ((2, 2, 2), "none"),
+                      ((2, 2, 2), "dots"), ((1, 4, 2), "full")]:
+    name = "x".join(map(str, mesh)) + remat
+    got, _ = _train_losses(tmp_path, name, **{
+        "mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2], "model.remat": remat})
+    np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=f"mesh {mesh}, remat {remat}")
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_unrolled_layers_train_like_scanned_ones_on_a_sharded_mesh(tmp_path, remat):
+  """Unrolled layers started from the scanned run's weights (restacked on read) follow its losses."""
+  scanned, _ = _train_losses(tmp_path, "scanned", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                                     "optim.lr": 0.0, "optim.min_lr": 0.0})
+  unrolled, _ = _train_losses(tmp_path, "unrolled", **{
+      "mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "model.scan_layers": False, "model.remat": remat,
+      "init_from": str(tmp_path / "scanned"), "optim.lr": 0.0, "optim.min_lr": 0.0})
+  np.testing.assert_allclose(unrolled, scanned, rtol=1e-5)
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
@@ -170,3 +186,26 @@ def test_weight_decay_spares_biases_norms_and_embeddings_unless_asked():
   for decay_embeddings, decayed_embeddings in ((False, set()), (True, {"embed/embedding", "pos_embed/embedding"})):
     mask = {"/".join(p): v for p, v in traverse_util.flatten_dict(decay_mask(params, decay_embeddings)).items()}
     assert {n for n, v in mask.items() if v} == {n for n in names if "kernel" in n} | decayed_embeddings
+
+
+def test_the_step_pins_activations_by_logical_name(tmp_path):
+  """The train step's blocks carry sharding constraints (batch over data x fsdp, heads and MLP
+  width over tensor); models built without a mesh (init, decoding) carry none."""
+  from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
+  from jaxllm.train import compile_steps  # pylint: disable=import-outside-toplevel
+  config = make_tiny_config(tmp_path, **{**SHARDABLE, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  model_cfg = validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  setup = make_setup(config, model_cfg, mesh)
+  jit_train, _ = compile_steps(setup, config, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          setup.abstract_state, setup.state_shardings)
+  batch = {k: jax.ShapeDtypeStruct((8, 32), np.int32) for k in ("inputs", "targets")}
+  batch["weights"] = jax.ShapeDtypeStruct((8, 32), np.float32)
+  text = jit_train.lower(abstract, batch, jax.random.key(0)).as_text()
+  assert text.count("sharding_constraint") >= 5  # hidden in/out, q, k, v, mlp: inside the scanned block
+  assert '[{"data", "fsdp"}, {}, {"tensor"}, {}]' in text  # q, k, v [batch, seq, heads, head_dim]
+  assert '[{"data", "fsdp"}, {}, {"tensor"}]' in text  # the MLP's hidden [batch, seq, d_ff]
+  plain = jax.jit(lambda p, t: build_model(model_cfg).apply({"params": p}, t)).lower(
+      setup.abstract_state.params, batch["inputs"]).as_text()
+  assert "sharding_constraint" not in plain

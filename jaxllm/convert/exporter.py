@@ -24,7 +24,7 @@ import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
-from jaxllm.models import ModelConfig
+from jaxllm.models import ModelConfig, stacking
 from jaxllm.sharding import logical_shardings
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -125,7 +125,7 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
   if tokenizer is None and tokenizer_path and os.path.isdir(tokenizer_path):
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # a run given data.tokenizer keeps none
-  flat = traverse_util.flatten_dict(params, sep="/")
+  flat = stacking.UnrolledView(traverse_util.flatten_dict(params, sep="/"))  # the rules name layer_i
   rules = arch.rules(model_cfg)
   extra = sorted(set(flat) - {p for rule in rules for p in rule.params})
   if extra:

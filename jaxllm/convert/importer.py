@@ -7,6 +7,7 @@ holds at most one (fused) tensor at a time and each device only its shards.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from jaxllm.config import default_config
 from jaxllm.convert.registry import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.source import TensorSource
-from jaxllm.models import ModelConfig, build_model
+from jaxllm.models import ModelConfig, build_model, stacking
 from jaxllm.sharding import logical_shardings, make_mesh
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -107,9 +108,10 @@ def _resolve_names(source: TensorSource, arch: Architecture, rules, tied: bool,
   return resolved
 
 
-def target_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[dict, dict]:
-  """({path: ShapeDtypeStruct}, {path: NamedSharding}) of the model's parameters; nothing allocated."""
-  model = build_model(model_cfg)
+def target_layout(model_cfg: ModelConfig, mesh: jax.sharding.Mesh, unrolled: bool = True) -> tuple[dict, dict]:
+  """({path: ShapeDtypeStruct}, {path: NamedSharding}) of the model's parameters; nothing allocated.
+  `unrolled`: per layer (layer_i/...), as the rules name them, whatever model.scan_layers says."""
+  model = build_model(dataclasses.replace(model_cfg, scan_layers=False) if unrolled else model_cfg)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   shardings = traverse_util.flatten_dict(logical_shardings(boxed, mesh), sep="/")
   return traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/"), shardings
@@ -120,6 +122,8 @@ def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
                    initialised: dict[str, np.ndarray] | None = None) -> dict:
   """The jaxllm params tree, each leaf a global array laid out with its logical sharding.
 
+  Tensors are placed per layer (`layout`: the unrolled `target_layout`); for scanned layers
+  each stacked parameter is then assembled on the devices from its layers (`stack_onto`).
   `initialised` holds HF tensors the checkpoint lacks (a headless checkpoint's head), by HF name."""
   initialised = initialised or {}
   abstract, shardings = layout or target_layout(model_cfg, mesh)
@@ -144,7 +148,10 @@ def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
                              f"config.json implies {list(abstract[path].shape)}.")
         flat[path] = _place(part, shardings[path], abstract[path].dtype)
       del tensor, parts
-  return traverse_util.unflatten_dict(flat, sep="/")
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  if model_cfg.scan_layers:
+    params = stacking.stack_onto(params)
+  return params
 
 
 def hf_class(hf_cfg: Any) -> str:

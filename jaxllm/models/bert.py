@@ -4,7 +4,8 @@ Post-norm blocks (x = norm(x + attn(x)); x = norm(x + mlp(x))), learned absolute
 token-type embeddings summed with the word embedding and normalised, bidirectional attention,
 an optional [CLS] pooler, and the MLM head of BertForMaskedLM: dense -> activation -> norm ->
 the word embedding transposed (tied) + a per-token bias. Parameter paths:
-`embed`, `pos_embed`, `type_embed`, `embed_norm`, `layer_i/{attn,attn_norm,mlp,mlp_norm}`,
+`embed`, `pos_embed`, `type_embed`, `embed_norm`, `layers/{attn,attn_norm,mlp,mlp_norm}` (stacked;
+`layer_i/...` with model.scan_layers=False),
 `pooler`, `mlm_dense`, `mlm_norm`, `mlm_bias`.
 """
 
@@ -15,8 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.gpt import REMAT_POLICIES
-from jaxllm.models.layers import Attention, Mlp, activation_fn, attention_mask, dense_init, make_norm, zeros_init
+from jaxllm.models.gpt import make_layers
+from jaxllm.models.layers import (HIDDEN, Attention, Mlp, activation_fn, attention_mask, constrain, dense_init,
+                                  make_norm, zeros_init)
 
 Array = jax.Array
 
@@ -24,21 +26,25 @@ Array = jax.Array
 class EncoderBlock(nn.Module):
   """Post-norm transformer block with bidirectional attention (the original BERT layout)."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True
+               ) -> tuple[Array, None]:
     cfg = self.cfg
-    h = Attention(cfg, causal=False, name="attn")(x, positions, mask, None, deterministic)
+    x = constrain(x, HIDDEN, self.mesh)
+    h = Attention(cfg, self.mesh, causal=False, name="attn")(x, positions, mask, None, deterministic)
     x = make_norm(cfg, "attn_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
     x = x.astype(cfg.compute_dtype)
-    h = Mlp(cfg, name="mlp")(x, deterministic)
+    h = Mlp(cfg, self.mesh, name="mlp")(x, deterministic)
     x = make_norm(cfg, "mlp_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
-    return x.astype(cfg.compute_dtype)
+    return constrain(x.astype(cfg.compute_dtype), HIDDEN, self.mesh), None  # (carry, no per-layer output), as nn.scan wants
 
 
 class Bert(nn.Module):
   """Encoder + MLM head. `__call__` returns MLM logits [batch, seq, vocab] in float32."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # see GPT
 
   def setup(self):
     cfg = self.cfg
@@ -50,12 +56,8 @@ class Bert(nn.Module):
     self.type_embed = embed(cfg.type_vocab_size, (None, "embed"), cfg.init_std)
     self.embed_norm = make_norm(cfg, "embed_norm")
     self.dropout = nn.Dropout(cfg.dropout_rate)
-    block = EncoderBlock
-    if cfg.remat != "none":
-      # `deterministic` (argument 4, counting the module as 0) is a Python bool.
-      block = nn.remat(EncoderBlock, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True,
-                       static_argnums=(4,))
-    self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    # `deterministic` (argument 4, counting the module as 0) is a Python bool.
+    self.layers = make_layers(EncoderBlock, cfg, self.mesh, 4, (nn.broadcast, nn.broadcast, nn.broadcast))
     # d_model -> d_model: FSDP splits the input side only (one axis name may appear once).
     square = lambda: nn.Dense(  # noqa: E731
         cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
@@ -79,8 +81,11 @@ class Bert(nn.Module):
     x = self.embed_norm(x).astype(self.cfg.compute_dtype)
     x = self.dropout(x, deterministic=deterministic)
     mask = attention_mask(seq_len, segment_ids, None, causal=False, batch=batch)
-    for layer in self.layers:
-      x = layer(x, positions, mask, deterministic)
+    if self.cfg.scan_layers:
+      x, _ = self.layers(x, positions, mask, deterministic)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, positions, mask, deterministic)
     return x
 
   def pool(self, hidden: Array) -> Array:

@@ -41,6 +41,10 @@ class ModelConfig:
   param_dtype: str = "float32"   # storage dtype of the master weights
   remat: str = "none"            # none | dots | full
   attention_impl: str = "auto"   # auto | xla | cudnn
+  # auto: cpu_vjp on the CPU backend, xla elsewhere | xla: plain lax.dot_general |
+  # cpu_vjp: Dense backwards laid out for XLA CPU (jaxllm/models/cpu_matmul.py)
+  matmul_impl: str = "auto"
+  scan_layers: bool = True       # the blocks under nn.scan, parameters stacked `layers/...` [num_layers, ...]
   num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
   # BERT only.
   type_vocab_size: int = 2
@@ -60,6 +64,7 @@ class ModelConfig:
                           ("activation", ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")),
                           ("remat", ("none", "dots", "full")),
                           ("attention_impl", ("auto", "xla", "cudnn")),
+                          ("matmul_impl", ("auto", "xla", "cpu_vjp")),
                           ("dtype", tuple(_DTYPES)), ("param_dtype", tuple(_DTYPES)),
                           ("family", ("gpt", "bert"))):
       if getattr(self, name) not in allowed:
@@ -73,6 +78,14 @@ class ModelConfig:
     values = dict(model_cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+  @property
+  def cpu_matmul(self) -> bool:
+    """Whether the blocks use the CPU-laid-out matmul backwards (resolved when the model is traced)."""
+    if self.matmul_impl == "auto":
+      import jax  # pylint: disable=import-outside-toplevel
+      return jax.default_backend() == "cpu"
+    return self.matmul_impl == "cpu_vjp"
 
   @property
   def compute_dtype(self):

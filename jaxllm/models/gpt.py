@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Attention, KVCache, Mlp, alibi_bias, attention_mask, make_norm, tied_logits
+from jaxllm.models.layers import (HIDDEN, Attention, KVCache, Mlp, alibi_bias, attention_mask, constrain, make_norm,
+                                  tied_logits)
 
 Array = jax.Array
 
@@ -17,30 +18,54 @@ REMAT_POLICIES = {
 }
 
 
+def make_layers(block: type[nn.Module], cfg: ModelConfig, mesh: jax.sharding.Mesh | None,
+                deterministic_argnum: int, scan_in_axes: tuple) -> nn.Module | list[nn.Module]:
+  """The stack of blocks, each rematerialised as `cfg.remat` says.
+
+  With `cfg.scan_layers`, one `nn.scan` over the block: the step's program holds one layer
+  however deep the model, and every parameter is stacked along a leading `layers` axis
+  (`layers/attn/query/kernel` [num_layers, ...]). Otherwise a list `layer_0 ... layer_N`.
+  The block returns (carry, per-layer output); `deterministic_argnum` counts the module as 0.
+  """
+  if cfg.remat != "none":
+    # Inside a scan the loop already keeps XLA from merging recomputation with the forward.
+    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                     static_argnums=(deterministic_argnum,))
+  if not cfg.scan_layers:
+    return [block(cfg, mesh, name=f"layer_{i}") for i in range(cfg.num_layers)]
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                 in_axes=scan_in_axes, length=cfg.num_layers,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, mesh, name="layers")
+
+
 class Block(nn.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
                deterministic: bool = True, cache: KVCache | None = None,
-               cache_index: Array | None = None) -> Array | tuple[Array, KVCache]:
-    """With `cache` (decoding, see Attention) returns (x, new_cache), else x."""
+               cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
+    """Returns (x, new_cache); new_cache is None without `cache` (decoding, see Attention)."""
     cfg = self.cfg
+    x = constrain(x, HIDDEN, self.mesh)
     h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
-    h = Attention(cfg, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
+    h = Attention(cfg, self.mesh, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
     if cache is not None:
       h, cache = h
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     h = make_norm(cfg, "mlp_norm")(x).astype(cfg.compute_dtype)
-    h = Mlp(cfg, name="mlp")(h, deterministic)
+    h = Mlp(cfg, self.mesh, name="mlp")(h, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-    return x if cache is None else (x, cache)
+    return constrain(x, HIDDEN, self.mesh), cache
 
 
 class GPT(nn.Module):
-  """Decoder-only language model. Returns logits [batch, seq, vocab] in float32."""
+  """Decoder-only language model. Returns logits [batch, seq, vocab] in float32. With `mesh`,
+  activations inside the blocks are constrained by logical name (the train step's model)."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   def setup(self):
     cfg = self.cfg
@@ -61,12 +86,9 @@ class GPT(nn.Module):
                                                       (None, "embed")))
     if cfg.embed_norm:
       self.embed_norm = make_norm(cfg, "embed_norm")
-    block = Block
-    if cfg.remat != "none":
-      # `deterministic` (argument 5, counting the module as 0) is a Python bool.
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=True,
-                       static_argnums=(5,))
-    self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    # `deterministic` (argument 5) is a Python bool; the cache (6) is scanned over with the layers.
+    broadcast = nn.broadcast
+    self.layers = make_layers(Block, cfg, self.mesh, 5, (broadcast, broadcast, broadcast, broadcast, 0, broadcast))
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.final_norm = make_norm(cfg, "final_norm")
     if not cfg.tie_embeddings:
@@ -89,9 +111,13 @@ class GPT(nn.Module):
     return x
 
   def logits(self, x: Array) -> Array:
-    x = self.final_norm(x).astype(self.cfg.compute_dtype)
+    """The last block's output [..., d_model] -> float32 logits [..., vocab]."""
+    return self.head(self.final_norm(x).astype(self.cfg.compute_dtype))
+
+  def head(self, x: Array) -> Array:
+    """Final-normed features [..., d_model] -> float32 logits [..., vocab] (see `output_head`)."""
     if self.cfg.tie_embeddings:
-      out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype))  # = self.embed.attend(x)
+      out = tied_logits(x, self.embed.embedding.astype(self.cfg.compute_dtype), self.cfg)  # = embed.attend(x)
     else:
       out = self.lm_head(x)
     return out.astype(jnp.float32)
@@ -101,6 +127,13 @@ class GPT(nn.Module):
                deterministic: bool = True) -> Array:
     """tokens [batch, seq] int; positions [batch, seq] (restart per packed document);
     segment_ids [batch, seq] (documents never attend across); prefix_len [batch] (prefix-LM)."""
+    return self.head(self.features(tokens, positions, segment_ids, prefix_len, deterministic))
+
+  def features(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               deterministic: bool = True) -> Array:
+    """The final-normed features [batch, seq, d_model] that the output head turns into logits
+    (a chunked loss multiplies them by `output_head` piece by piece: jaxllm/losses.py)."""
     cfg = self.cfg
     batch, seq_len = tokens.shape
     if positions is None:
@@ -126,13 +159,13 @@ class GPT(nn.Module):
       bias = alibi_bias(cfg.num_heads, positions, positions)
       if mask is None:  # the bias path needs the causal mask spelled out
         mask = attention_mask(seq_len, jnp.zeros((batch, seq_len), jnp.int32), None, True, batch)
-    for layer in self.layers:
-      x = layer(x, positions, mask, bias, deterministic)
-    return self.logits(x[:, num_virtual:])  # virtual positions predict nothing and get no loss
+    x, _ = self.run_layers(x, positions, mask, bias, deterministic)
+    x = x[:, num_virtual:]  # virtual positions predict nothing and get no loss
+    return self.final_norm(x).astype(cfg.compute_dtype)
 
-  def decode(self, tokens: Array, cache: tuple[KVCache, ...], cache_index: Array,
+  def decode(self, tokens: Array, cache: KVCache | tuple[KVCache, ...], cache_index: Array,
              key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,
-             head: Array | None = None) -> tuple[Array, tuple[KVCache, ...]]:
+             head: Array | None = None) -> tuple[Array, KVCache | tuple[KVCache, ...]]:
     """Runs `tokens` against a preallocated KV cache (prefill: the whole prompt; then one token).
 
     tokens [batch, q_len] fill cache slots cache_index .. cache_index + q_len - 1 (after
@@ -153,15 +186,37 @@ class GPT(nn.Module):
     causal = jnp.arange(max_len)[None, :] <= slots[:, None]  # [q_len, max_len]
     mask = key_valid[:, None, None, :] & causal[None, None]  # [batch, 1, q_len, max_len]
     bias = alibi_bias(cfg.num_heads, positions, key_positions) if cfg.position == "alibi" else None
-    new_cache = []
-    for layer, layer_cache in zip(self.layers, cache):
-      x, layer_cache = layer(x, positions, mask, bias, True, layer_cache, cache_index)
-      new_cache.append(layer_cache)
+    x, new_cache = self.run_layers(x, positions, mask, bias, True, cache, cache_index)
     x = x[:, -1]
     if head is None:
-      return self.logits(x), tuple(new_cache)
+      return self.logits(x), new_cache
     x = self.final_norm(x).astype(cfg.compute_dtype)
-    return jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32), tuple(new_cache)
+    return jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32), new_cache
+
+  def run_layers(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+                 deterministic: bool, cache: KVCache | tuple[KVCache, ...] | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, KVCache | tuple[KVCache, ...] | None]:
+    """x through every block. The cache is one KVCache stacked [num_layers, ...] for scanned
+    layers, else a tuple of per-layer KVCaches (see `init_cache`)."""
+    if self.cfg.scan_layers:
+      return self.layers(x, positions, mask, bias, deterministic, cache, cache_index)
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, mask, bias, deterministic,
+                             None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    return x, None if cache is None else tuple(new_cache)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache | tuple[KVCache, ...]:
+  """An empty KV cache: k and v [batch, kv_heads, max_len, head_dim] per layer, stacked into one
+  KVCache [num_layers, batch, ...] for scanned layers, else a tuple of one KVCache per layer."""
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers,) + shape
+    return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+  return tuple(KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+               for _ in range(cfg.num_layers))
 
 
 def output_head(params: dict, cfg: ModelConfig) -> Array:

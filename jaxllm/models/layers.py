@@ -6,7 +6,6 @@ Every parameter is created with logical axis names (`embed`, `heads`, `kv_heads`
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -14,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models import cpu_matmul
 from jaxllm.models.config import ModelConfig
+from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
 
@@ -25,6 +26,17 @@ def dense_init(std: float, axes: tuple[str, ...]):
 
 def zeros_init(axes: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros, axes)
+
+
+def constrain(x: Array, names: tuple[str, ...], mesh: jax.sharding.Mesh | None) -> Array:
+  """Pins activation x to the mesh by logical names (`activation_batch`, ...: sharding.LOGICAL_RULES),
+  so XLA's propagation cannot pick another layout inside the blocks; a no-op without a mesh."""
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, names, rules=LOGICAL_RULES, mesh=mesh)
+
+
+HIDDEN = ("activation_batch", "activation_seq", "activation_embed")  # [batch, seq, d_model]
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
@@ -46,69 +58,17 @@ def gelu_exact(x: Array) -> Array:
   return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: Array, kernel: Array, num_contract: int) -> Array:
-  """x's last `num_contract` dims against kernel's first ones: nn.Dense / nn.DenseGeneral's product."""
-  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - num_contract, x.ndim)),
-                                          tuple(range(num_contract))), ((), ())))
+def matmul_dot_general(cfg: ModelConfig):
+  """The dot_general every Dense/DenseGeneral of the blocks uses (`model.matmul_impl`): plain
+  lax.dot_general, or on the CPU backend the variant with a CPU-laid-out backward."""
+  return cpu_matmul.matmul_dot_general if cfg.cpu_matmul else jax.lax.dot_general
 
 
-def _matmul_fwd(x: Array, kernel: Array, num_contract: int) -> tuple[Array, tuple[Array, Array]]:
-  return _matmul(x, kernel, num_contract), (x, kernel)
-
-
-def _matmul_bwd(num_contract: int, residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
-  x, kernel = residuals
-  d_in = math.prod(kernel.shape[:num_contract])
-  x2, grad2 = x.reshape(-1, d_in), grad.reshape(-1, kernel.size // d_in)
-  kernel2 = kernel.reshape(d_in, -1)
-  grad_x = jax.lax.dot_general(grad2, kernel2, (((1,), (1,)), ((), ()))).reshape(x.shape)
-  # The weight gradient as (grad^T x)^T. XLA's CPU matmul wants its right operand with the
-  # contracting dimension minor. Written as x^T grad, it transposes grad (d_out wide), and
-  # fuses the activation's backward into that transposing copy, which reads its inputs
-  # column by column: 4 ms of a 48 ms step per MLP layer of a small GPT. Written this way it
-  # transposes x and the small [d_out, d_in] result instead.
-  grad_kernel_t = jax.lax.dot_general(grad2, x2, (((0,), (0,)), ((), ())))
-  return grad_x.astype(x.dtype), grad_kernel_t.T.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def tied_logits(x: Array, embedding: Array) -> Array:
-  """x [..., d] against the embedding [vocab, d]: logits [..., vocab] (nn.Embed.attend)."""
+def tied_logits(x: Array, embedding: Array, cfg: ModelConfig) -> Array:
+  """x [..., d] against the tied embedding [vocab, d]: logits [..., vocab] (nn.Embed.attend)."""
+  if cfg.cpu_matmul:
+    return cpu_matmul.tied_logits(x, embedding)
   return jax.lax.dot_general(x, embedding, (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _tied_logits_fwd(x: Array, embedding: Array) -> tuple[Array, tuple[Array, Array]]:
-  return tied_logits(x, embedding), (x, embedding)
-
-
-def _tied_logits_bwd(residuals: tuple[Array, Array], grad: Array) -> tuple[Array, Array]:
-  x, embedding = residuals
-  x2, grad2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, embedding.shape[0])
-  grad_x = jax.lax.dot_general(grad2, embedding, (((1,), (0,)), ((), ()))).reshape(x.shape)
-  # As in _matmul_bwd: contract over tokens with the narrow x on the right, so that XLA
-  # transposes x [tokens, d] and not the [tokens, vocab] logits gradient.
-  grad_embedding = jax.lax.dot_general(grad2, x2, (((0,), (0,)), ((), ())))
-  return grad_x.astype(x.dtype), grad_embedding.astype(embedding.dtype)
-
-
-tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
-
-
-def matmul_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """nn.Dense/DenseGeneral's dot_general with a hand-written backward (see _matmul_bwd).
-
-  Any other contraction, an explicit precision or output type goes to lax.dot_general."""
-  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  k = len(rhs_contract)
-  if (not lhs_batch and precision is None and preferred_element_type is None
-      and tuple(lhs_contract) == tuple(range(lhs.ndim - k, lhs.ndim)) and tuple(rhs_contract) == tuple(range(k))):
-    return _matmul(lhs, rhs, k)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type)
 
 
 def activation_fn(name: str):
@@ -202,6 +162,7 @@ class Attention(nn.Module):
   Returns (out, new_cache) in that case, else out.
   """
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
   causal: bool = True
 
   @nn.compact
@@ -212,11 +173,14 @@ class Attention(nn.Module):
     dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
         features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         kernel_init=dense_init(cfg.init_std, ("embed",) + axes),
-        bias_init=zeros_init(axes), name=name, dot_general=matmul_dot_general)
+        bias_init=zeros_init(axes), name=name, dot_general=matmul_dot_general(cfg))
     q = dense((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), "query")(x)
     k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "key")(x)
     v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "value")(x)
     # q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]
+    q = constrain(q, ("activation_batch", "activation_seq", "activation_heads", None), self.mesh)
+    k = constrain(k, ("activation_batch", "activation_seq", "activation_kv_heads", None), self.mesh)
+    v = constrain(v, ("activation_batch", "activation_seq", "activation_kv_heads", None), self.mesh)
     if cfg.position == "rotary":
       q = rotary_embedding(q, positions, cfg.rope_theta)
       k = rotary_embedding(k, positions, cfg.rope_theta)
@@ -233,7 +197,7 @@ class Attention(nn.Module):
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=dense_init(out_std, ("heads", "head_dim", "embed")),
-        bias_init=zeros_init(("embed",)), name="out", dot_general=matmul_dot_general)(out)
+        bias_init=zeros_init(("embed",)), name="out", dot_general=matmul_dot_general(cfg))(out)
     return out if cache is None else (out, cache)
 
 
@@ -250,6 +214,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None, b
 class Mlp(nn.Module):
   """Feed-forward block: act(x W_in) W_out, or the gated form act(x W_gate) * (x W_up) W_out."""
   cfg: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -257,13 +222,14 @@ class Mlp(nn.Module):
     dense = lambda features, axes, std, name: nn.Dense(  # noqa: E731
         features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         kernel_init=dense_init(std, axes), bias_init=zeros_init(axes[-1:]), name=name,
-        dot_general=matmul_dot_general)
+        dot_general=matmul_dot_general(cfg))
     act = activation_fn(cfg.activation)
     if cfg.activation in ("swiglu", "geglu"):
       h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_gate")(x))
       h = h * dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_up")(x)
     else:
       h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi")(x))
+    h = constrain(h, ("activation_batch", "activation_seq", "activation_mlp"), self.mesh)  # [batch, seq, d_ff]
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     return dense(cfg.d_model, ("mlp", "embed"), out_std, "wo")(h)

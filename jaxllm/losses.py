@@ -1,0 +1,57 @@
+"""Token cross-entropy, plain (from logits) or chunked (from features and the output head).
+
+The chunked form never holds the float32 logits [tokens, vocab] of the whole batch: it walks
+over the sequence in chunks of `chunk_size` positions (a `lax.scan`), and each chunk's logits
+are rematerialised in the backward pass (`jax.checkpoint`) instead of kept. At GPT-2 sizes the
+logits are the largest activation of the step (32 x 1024 tokens x 50304 x 4 bytes = 6.1 GiB);
+chunked, one chunk's [batch, chunk_size, vocab] exists at a time, for one more matmul of the
+head in the backward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Sum of weighted token losses and the sum of weights (both float32 scalars)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def chunked_cross_entropy(features: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                          chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy(features @ head, targets, weights)` without all the logits at once.
+
+  features [batch, seq, d_model] (compute dtype), head [d_model, vocab], targets and weights
+  [batch, seq]. Chunks run along the sequence, so a batch sharded over devices stays sharded.
+  """
+  batch, seq_len, d_model = features.shape
+  assert head.shape[0] == d_model, (features.shape, head.shape)
+  chunk_size = min(chunk_size, seq_len)
+  pad = -seq_len % chunk_size  # padded positions get weight 0
+  if pad:
+    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    weights = jnp.pad(weights, ((0, 0), (0, pad)))
+  num_chunks = (seq_len + pad) // chunk_size
+  weights = weights.astype(jnp.float32)
+
+  def split(x):  # [batch, seq, ...] -> [num_chunks, batch, chunk_size, ...]
+    return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
+
+  head = head.astype(features.dtype)
+
+  @jax.checkpoint  # the backward recomputes this chunk's logits instead of keeping them
+  def chunk_loss(x, t, w):
+    logits = jnp.einsum("bcd,dv->bcv", x, head).astype(jnp.float32)  # [batch, chunk, vocab]
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, t) * w)
+
+  def body(total, chunk):
+    return total + chunk_loss(*chunk), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(features), split(targets), split(weights)))
+  return total, jnp.sum(weights)
