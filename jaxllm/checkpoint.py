@@ -282,11 +282,7 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-# A "model directory" is what `train` writes to its workdir and what `convert from-hf` writes:
-#   DIR/config.json             the run's resolved config (its "model" section builds the model)
-#   DIR/tokenizer/              a Hugging Face tokenizer directory
-#   DIR/checkpoints/<step>/state  an orbax PyTree holding at least {"params": ...}
-# `generate`, `convert to-hf` and `init_from` all read it through `load_model_dir`.
+# Model directories (config.json + tokenizer/ + checkpoints/) are read and written by model_dir.py.
 
 
 def read_run_config(path: str) -> dict:
@@ -299,43 +295,3 @@ def read_run_config(path: str) -> dict:
                           "by `python -m jaxllm.convert from-hf`.")
   with open(config_path, encoding="utf-8") as f:
     return json.load(f)
-
-
-def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
-  """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
-  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
-  picks a saved step (default: the latest)."""
-  from jaxllm.models import ModelConfig, abstract_params  # pylint: disable=import-outside-toplevel
-  run_config = read_run_config(path)
-  if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
-    # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
-    from jaxllm.peft import read_prompt_tuned  # pylint: disable=import-outside-toplevel
-    model_cfg, params = read_prompt_tuned(path, run_config, shardings)
-    tokenizer = None
-    for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),
-                    os.path.join(run_config["init_from"], "tokenizer")):
-      if tok_dir and os.path.isdir(tok_dir):
-        from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        break
-    return model_cfg, params, tokenizer
-  model_cfg = ModelConfig.from_config(run_config["model"])
-  abstract = abstract_params(model_cfg, shardings)
-  params = load_params(path, abstract, step)
-  tokenizer = None
-  tok_dir = os.path.join(path, "tokenizer")
-  if os.path.isdir(tok_dir):
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-  return model_cfg, params, tokenizer
-
-
-def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = None, step: int = 0) -> None:
-  """Writes a model directory (see above) that `load_model_dir` and `init_from` read."""
-  os.makedirs(path, exist_ok=True)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-  state_dir = os.path.join(os.path.abspath(path), "checkpoints", str(step), "state")
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(state_dir, {"params": params}, force=True)
-  write_json(os.path.join(path, "config.json"), run_config)

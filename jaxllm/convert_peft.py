@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from jaxllm import checkpoint, peft
+from jaxllm import checkpoint, model_dir, peft
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.errors import ConvertError
 from jaxllm.models import ModelConfig, abstract_params
@@ -53,7 +53,7 @@ def import_adapter(adapter_dir: str, base_dir: str, out_dir: str) -> None:
   run_config.setdefault("train", {})["trainable"] = peft.PROMPT_PATTERN
   run_config["train"]["prompt_init_text"] = peft_config.get("prompt_tuning_init_text") or ""
   dtype = ModelConfig.from_config(run_config["model"]).weight_dtype
-  checkpoint.save_model_dir(out_dir, run_config, {"prompt": {"embedding": prompt.astype(dtype)}})
+  model_dir.save_model_dir(out_dir, run_config, {"prompt": {"embedding": prompt.astype(dtype)}})
   base_tokenizer = os.path.join(base_dir, "tokenizer")
   if os.path.isdir(base_tokenizer) and not os.path.isdir(os.path.join(out_dir, "tokenizer")):
     shutil.copytree(base_tokenizer, os.path.join(out_dir, "tokenizer"))

@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fill_mask_cmd(args) -> None:
-  from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
+  from jaxllm import checkpoint, model_dir  # pylint: disable=import-outside-toplevel
   from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
   from jaxllm.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
-  model_cfg, params, tokenizer = checkpoint.load_model_dir(args.checkpoint)
+  model_cfg, params, tokenizer = model_dir.load_model_dir(args.checkpoint)
   if model_cfg.family != "bert":
     raise GenerationError(f"{args.checkpoint} holds a model.family={model_cfg.family!r} model; "
                           "fill-mask needs a BERT (model.family='bert').")

@@ -177,7 +177,7 @@ class Generator:
   """Generates from one model's params, optionally on a mesh and after a soft-prompt prefix.
 
   params may be on the host or already sharded on `mesh` (e.g. from
-  `checkpoint.load_model_dir(path, shardings=...)`). prefix_embeddings [prefix_len, d_model]
+  `model_dir.load_model_dir(path, shardings=...)`). prefix_embeddings [prefix_len, d_model]
   (prompt tuning) are placed before every prompt.
   """
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxllm.checkpoint import load_model_dir
+from jaxllm.model_dir import load_model_dir
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
 from jaxllm.models import GPT, ModelConfig

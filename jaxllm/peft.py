@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxllm import checkpoint, optim
+from jaxllm import checkpoint, model_dir, optim
 from jaxllm.errors import ConfigError, ConvertError
 from jaxllm.models import ModelConfig
 
@@ -65,18 +65,11 @@ def _abstract_params(setup: Any) -> tuple[Any, Any]:
           checkpoint.abstract_with_shardings(setup.abstract_state.frozen, setup.state_shardings.frozen))
 
 
-def _base_params(path: str, abstract: Any, model: Any) -> Any:
-  """Loads the parameters of `abstract` (a subset of the base's) from the base model directory;
-  `model` is the whole model's abstract tree, which everything the base holds must belong to."""
-  flat = traverse_util.flatten_dict(abstract)
-  return checkpoint.load_params(path, traverse_util.unflatten_dict(flat), expected=model) if flat else {}
-
-
 def load_frozen(config: Any, setup: Any) -> Any:
   """The frozen part, re-read from `init_from` (used on resume when checkpoints hold only the
   trainable part); cast to `train.frozen_dtype` by the restore itself."""
   trainable, frozen = _abstract_params(setup)
-  return _base_params(config.init_from, frozen, optim.merge_params(trainable, frozen))
+  return model_dir.base_params(config.init_from, frozen, optim.merge_params(trainable, frozen))
 
 
 def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> Any | None:
@@ -94,7 +87,7 @@ def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> A
   if new or init_text or not config.init_from:  # a random init for what is not loaded
     params = traverse_util.flatten_dict(optim.merge_params(*_host_init(setup, rng)))
   if config.init_from:
-    loaded = _base_params(config.init_from, traverse_util.unflatten_dict(
+    loaded = model_dir.base_params(config.init_from, traverse_util.unflatten_dict(
         {k: v for k, v in flat.items() if k not in new}), traverse_util.unflatten_dict(flat))
     params.update(traverse_util.flatten_dict(loaded))
   params = traverse_util.unflatten_dict(params)
@@ -155,20 +148,6 @@ def parameter_report(setup: Any) -> str:
 
 
 # ------------------------------------------------------------------ loading a tuned model
-
-def read_prompt_tuned(path: str, run_config: dict, shardings: Any = None) -> tuple[ModelConfig, Any]:
-  """(ModelConfig, full params) of a run whose checkpoint holds only the trainable part: the
-  rest comes from the base model directory named by its `init_from`. Params are on the host
-  unless `shardings` (boxed abstract params -> shardings tree) places them."""
-  model_cfg = ModelConfig.from_config(run_config["model"])
-  from jaxllm.models import abstract_params  # pylint: disable=import-outside-toplevel
-  abstract = abstract_params(model_cfg, shardings)
-  trainable_abs, frozen_abs = optim.partition_params(abstract, run_config["train"]["trainable"])
-  base = run_config["init_from"]
-  frozen = _base_params(base, frozen_abs, abstract)
-  trainable = checkpoint.load_params(path, trainable_abs, expected=abstract)
-  return model_cfg, optim.merge_params(trainable, frozen)
-
 
 # ----------------------------------------------------------------------- PEFT interop
 

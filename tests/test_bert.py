@@ -92,14 +92,14 @@ def test_mlm_training_learns_the_masked_tokens(trained_bert):
 
 
 def test_fill_mask_cli_prints_the_models_top_k_with_probabilities(trained_bert, capsys):
-  from jaxllm import checkpoint, fill_mask  # pylint: disable=import-outside-toplevel
+  from jaxllm import fill_mask, model_dir  # pylint: disable=import-outside-toplevel
   workdir, _ = trained_bert
   text = "alice buys [MASK] plums at the [MASK] ."
   fill_mask.main(["--checkpoint", workdir, "--top-k", "3", text])
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[0] == text and len(lines) == 3
   # The same model, loaded and run by hand: the CLI must print its softmax at the [MASK] positions.
-  model_cfg, params, tokenizer = checkpoint.load_model_dir(workdir)
+  model_cfg, params, tokenizer = model_dir.load_model_dir(workdir)
   ids = tokenizer(text)["input_ids"]
   assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
   logits = build_model(model_cfg).apply({"params": params}, jnp.asarray([ids]))[0]

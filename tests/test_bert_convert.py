@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxllm.checkpoint import load_model_dir  # noqa: E402
+from jaxllm.model_dir import load_model_dir  # noqa: E402
 from jaxllm.convert import ConvertError, from_hf, to_hf  # noqa: E402
 from jaxllm.models import build_model  # noqa: E402
 from jaxllm.tokenizer import train_tokenizer  # noqa: E402

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxllm.checkpoint import load_model_dir  # noqa: E402
+from jaxllm.model_dir import load_model_dir  # noqa: E402
 from jaxllm.convert import ConvertError, from_hf, to_hf  # noqa: E402
 from jaxllm.convert.__main__ import main as convert_main  # noqa: E402
 from jaxllm.generate import SamplingConfig, generate  # noqa: E402

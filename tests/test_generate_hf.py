@@ -53,7 +53,7 @@ def tokenizer():
 def converted(tmp_path_factory, tokenizer):
   """name -> (HF model, jaxllm model dir, ModelConfig, params, HF greedy output per prompt):
   a random HF model imported with `jaxllm.convert.from_hf`, once per module."""
-  from jaxllm.checkpoint import load_model_dir  # pylint: disable=import-outside-toplevel
+  from jaxllm.model_dir import load_model_dir  # pylint: disable=import-outside-toplevel
   from jaxllm.convert import from_hf  # pylint: disable=import-outside-toplevel
   cache = {}
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from jaxllm import __version__, train
-from jaxllm.checkpoint import load_model_dir
+from jaxllm.model_dir import load_model_dir
 from jaxllm.convert import to_hf
 from jaxllm.convert.model_card import GENERATE_DEFAULTS
 from jaxllm.generate import Generator, SamplingConfig

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint, peft
+from jaxllm import model_dir, peft
 from jaxllm.config import ConfigError, default_config, validate
 from jaxllm.data import sft
 from jaxllm.models import GPT, ModelConfig, stacking
@@ -67,7 +67,7 @@ def base(tmp_path_factory):
   run_config = default_config()
   run_config.model.update(model_section())
   base_dir = os.path.join(root, "base")
-  checkpoint.save_model_dir(base_dir, run_config.to_dict(), params, tokenizer)
+  model_dir.save_model_dir(base_dir, run_config.to_dict(), params, tokenizer)
   return {"dir": base_dir, "hf": hf_model, "params": params, "tokenizer": tokenizer, "root": root}
 
 
@@ -179,7 +179,7 @@ def test_prompt_run_checkpoints_only_the_prompt_resumes_and_exports_to_peft(tmp_
   out = capsys.readouterr().out
   assert "start at step 4 of 6" in out and "Human: list\n\nAssistant: " in out  # generated after the prompt
 
-  model_cfg, params, tokenizer = checkpoint.load_model_dir(workdir)
+  model_cfg, params, tokenizer = model_dir.load_model_dir(workdir)
   assert tokenizer is not None and model_cfg.num_virtual_tokens == 4
   adapter = os.path.join(tmp_path, "adapter")
   assert convert_main(["to-peft", workdir, adapter]) == 0  # SRC DST, like to-hf
@@ -205,7 +205,7 @@ def test_a_peft_trained_prompt_loads_here(tmp_path, base):
   peft_model.save_pretrained(adapter)
   run_dir = os.path.join(tmp_path, "imported")
   assert convert_main(["from-peft", "--adapter", adapter, "--base", base["dir"], "--out", run_dir]) == 0
-  model_cfg, params, _ = checkpoint.load_model_dir(run_dir)
+  model_cfg, params, _ = model_dir.load_model_dir(run_dir)
   ids = np.random.default_rng(3).integers(0, VOCAB, (2, 10))
   with torch.no_grad():
     want = peft_model.eval()(input_ids=torch.tensor(ids)).logits[:, 5:].numpy()

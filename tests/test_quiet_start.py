@@ -27,10 +27,10 @@ def test_no_pytorch_notice_from_transformers_once_jaxllm_is_imported():
 
 
 def test_loading_a_trained_model_directory_logs_no_orbax_metadata_note(tmp_path, caplog):
-  from jaxllm import checkpoint, train  # pylint: disable=import-outside-toplevel
+  from jaxllm import model_dir, train  # pylint: disable=import-outside-toplevel
   config = make_tiny_config(tmp_path, **{"train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2})
   train.run(config, str(tmp_path / "run"))
   with caplog.at_level(logging.INFO):
-    checkpoint.load_model_dir(str(tmp_path / "run"))
+    model_dir.load_model_dir(str(tmp_path / "run"))
   assert "_CHECKPOINT_METADATA" not in caplog.text
   assert "_NoStateMetadataNotice" not in str(logging.getLogger("absl").filters)  # removed after the load

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, model_dir
 from jaxllm.config import default_config
 from jaxllm.models import ModelConfig, build_model
 from jaxllm.models.stacking import stack_layers, unstack_layers
@@ -118,16 +118,16 @@ def test_a_checkpoint_with_unrolled_layers_loads_into_scanned_layers(tmp_path):
   run_config = default_config()
   run_config.model.update(dataclasses.asdict(dataclasses.replace(cfg, scan_layers=False)))
   old = str(tmp_path / "old")
-  checkpoint.save_model_dir(old, run_config.to_dict(), unstack_layers(params))
+  model_dir.save_model_dir(old, run_config.to_dict(), unstack_layers(params))
   run_config.model.scan_layers = True
   checkpoint.write_json(str(tmp_path / "old" / "config.json"), run_config.to_dict())
-  loaded_cfg, loaded, _ = checkpoint.load_model_dir(old)
+  loaded_cfg, loaded, _ = model_dir.load_model_dir(old)
   assert loaded_cfg.scan_layers
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   # A scanned checkpoint read by an unrolled model.
   new = str(tmp_path / "new")
-  checkpoint.save_model_dir(new, run_config.to_dict(), params)
+  model_dir.save_model_dir(new, run_config.to_dict(), params)
   run_config.model.scan_layers = False
   checkpoint.write_json(str(tmp_path / "new" / "config.json"), run_config.to_dict())
-  _, loaded, _ = checkpoint.load_model_dir(new)
+  _, loaded, _ = model_dir.load_model_dir(new)
   jax.tree.map(np.testing.assert_array_equal, loaded, unstack_layers(params))

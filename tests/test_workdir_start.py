@@ -6,13 +6,11 @@ checkpoint disagree is refused by generate, convert and init_from with one line 
 names the first parameter that differs.
 """
 
-import json
 import os
 
-import jax
 import pytest
 
-from jaxllm import checkpoint, train
+from jaxllm import checkpoint, model_dir, train
 from jaxllm.config import ConfigError
 from jaxllm.data.sources import DataError
 from jaxllm.models import ModelConfig, abstract_params
@@ -87,7 +85,7 @@ def test_loaders_refuse_a_checkpoint_of_another_model(trained, tmp_path, changes
   _, workdir = trained
   fake = lying_model_dir(workdir, tmp_path, **changes)
   with pytest.raises(checkpoint.CheckpointError) as info:
-    checkpoint.load_model_dir(fake)
+    model_dir.load_model_dir(fake)
   assert named in str(info.value) and "does not fit this model" in str(info.value), info.value
   # init_from a base whose config.json lies is refused too.
   model_cfg = ModelConfig.from_config(checkpoint.read_run_config(fake)["model"])

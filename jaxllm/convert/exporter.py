@@ -22,6 +22,7 @@ from flax import traverse_util
 from jaxllm import checkpoint
 import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
+from jaxllm.model_dir import load_model_dir
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
 from jaxllm.models import ModelConfig, stacking
@@ -119,7 +120,7 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
   model_cfg = ModelConfig.from_config(run_config["model"])
   arch = pick_architecture(model_cfg)
   mesh = mesh or default_mesh()
-  model_cfg, params, tokenizer = checkpoint.load_model_dir(
+  model_cfg, params, tokenizer = load_model_dir(
       model_dir, shardings=lambda boxed: logical_shardings(boxed, mesh), step=step)
   tokenizer_path = run_config.get("data", {}).get("tokenizer", "")
   if tokenizer is None and tokenizer_path and os.path.isdir(tokenizer_path):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxllm import checkpoint, killpoints
+from jaxllm import killpoints, model_dir
 from jaxllm.config import default_config
 from jaxllm.convert.registry import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
@@ -224,7 +224,7 @@ def from_hf(hf_dir: str, out_dir: str, *, param_dtype: str = "float32", overwrit
     tokenizer = load_hf_tokenizer(hf_dir)
     head = arch.init_head(hf_cfg) if hf_class(hf_cfg) in arch.headless else None
     params = load_hf_params(hf_dir, arch, model_cfg, mesh or default_mesh(), initialised=head)
-    checkpoint.save_model_dir(tmp, run_config.to_dict(), params, tokenizer)
+    model_dir.save_model_dir(tmp, run_config.to_dict(), params, tokenizer)
     finish_output(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

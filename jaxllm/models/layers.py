@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models import cpu_matmul
+import jaxllm.models.cpu_matmul as cpu_matmul
 from jaxllm.models.config import ModelConfig
 from jaxllm.sharding import LOGICAL_RULES
 

@@ -1,0 +1,81 @@
+"""Model directories: what `train` writes to its workdir and `convert from-hf` writes, and
+what `generate`, `fill_mask`, `convert to-hf`/`to-peft` and `init_from` read.
+
+  DIR/config.json               the run's resolved config (its "model" section builds the model)
+  DIR/tokenizer/                a Hugging Face tokenizer directory
+  DIR/checkpoints/<step>/state  an orbax PyTree holding at least {"params": ...}
+
+A parameter-efficient run (`train.trainable` with `init_from`) holds only what trained; the
+frozen rest is read by reference from the base directory its config names (`base_params`).
+Everything goes through `checkpoint.load_params`, which refuses a checkpoint that does not
+fit the model its config builds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from jaxllm import checkpoint, optim
+from jaxllm.models import ModelConfig, abstract_params
+
+
+def base_params(path: str, abstract: Any, model: Any) -> Any:
+  """Loads the parameters of `abstract` (a subset of the base's) from the base model directory;
+  `model` is the whole model's abstract tree, which everything the base holds must belong to."""
+  flat = traverse_util.flatten_dict(abstract)
+  return checkpoint.load_params(path, traverse_util.unflatten_dict(flat), expected=model) if flat else {}
+
+
+def read_prompt_tuned(path: str, run_config: dict, shardings: Any = None) -> tuple[ModelConfig, Any]:
+  """(ModelConfig, full params) of a run whose checkpoint holds only the trainable part: the
+  rest comes from the base model directory named by its `init_from`. Params are on the host
+  unless `shardings` (boxed abstract params -> shardings tree) places them."""
+  model_cfg = ModelConfig.from_config(run_config["model"])
+  abstract = abstract_params(model_cfg, shardings)
+  trainable_abs, frozen_abs = optim.partition_params(abstract, run_config["train"]["trainable"])
+  base = run_config["init_from"]
+  frozen = base_params(base, frozen_abs, abstract)
+  trainable = checkpoint.load_params(path, trainable_abs, expected=abstract)
+  return model_cfg, optim.merge_params(trainable, frozen)
+
+
+def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
+  """(ModelConfig, params, tokenizer or None) from a model directory; params on host unless
+  `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
+  picks a saved step (default: the latest)."""
+  run_config = checkpoint.read_run_config(path)
+  if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
+    # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
+    model_cfg, params = read_prompt_tuned(path, run_config, shardings)
+    tokenizer = None
+    for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),
+                    os.path.join(run_config["init_from"], "tokenizer")):
+      if tok_dir and os.path.isdir(tok_dir):
+        from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        break
+    return model_cfg, params, tokenizer
+  model_cfg = ModelConfig.from_config(run_config["model"])
+  abstract = abstract_params(model_cfg, shardings)
+  params = checkpoint.load_params(path, abstract, step)
+  tokenizer = None
+  tok_dir = os.path.join(path, "tokenizer")
+  if os.path.isdir(tok_dir):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+  return model_cfg, params, tokenizer
+
+
+def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = None, step: int = 0) -> None:
+  """Writes a model directory (see above) that `load_model_dir` and `init_from` read."""
+  os.makedirs(path, exist_ok=True)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+  state_dir = os.path.join(os.path.abspath(path), "checkpoints", str(step), "state")
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(state_dir, {"params": params}, force=True)
+  checkpoint.write_json(os.path.join(path, "config.json"), run_config)
