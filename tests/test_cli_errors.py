@@ -116,7 +116,7 @@ def test_one_error_hierarchy():
 
 
 def test_no_command_imports_another():
-  commands = ["jaxllm.bench", "jaxllm.generate_cli", "jaxllm.fill_mask", "jaxllm.convert.__main__",
+  commands = ["jaxllm.bench", "jaxllm.generate.__main__", "jaxllm.fill_mask", "jaxllm.convert.__main__",
               "jaxllm.convert_peft", "jaxllm.tokenizer"]
   code = (f"import importlib, sys\nfor m in {commands!r}:\n  importlib.import_module(m)\n"
           "print(sorted(m for m in sys.modules if m == 'jaxllm.train'))")

@@ -124,7 +124,7 @@ def test_cli_streams_library_output(converted, tokenizer):
 
 
 def test_cli_prompt_file_and_samples(converted, tmp_path, capsys):
-  from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
+  from jaxllm.generate.__main__ import main  # pylint: disable=import-outside-toplevel
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text('{"prompt": "the cat"}\n\n{"prompt": "red trees\\nand"}\n', encoding="utf-8")
   argv = ["--checkpoint", converted("gpt2")[1], "--prompt-file", str(prompts), "--num-samples", "2",
@@ -139,7 +139,7 @@ def test_cli_prompt_file_and_samples(converted, tmp_path, capsys):
 
 
 def test_cli_errors(converted, tmp_path, capsys):
-  from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
+  from jaxllm.generate.__main__ import main  # pylint: disable=import-outside-toplevel
   path = converted("gpt2")[1]
   cases = [
       (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "no such directory"),

@@ -70,7 +70,7 @@ def test_generation_config_holds_eos_and_pad_and_the_generate_defaults(run, tmp_
 
 
 def test_generate_defaults_are_the_jaxllm_generate_commands():
-  from jaxllm.generate_cli import _parse_args  # pylint: disable=import-outside-toplevel
+  from jaxllm.generate.__main__ import _parse_args  # pylint: disable=import-outside-toplevel
   args = _parse_args(["--checkpoint", "x", "--prompt", "y"])
   assert GENERATE_DEFAULTS["max_new_tokens"] == args.max_new_tokens
   assert GENERATE_DEFAULTS["temperature"] == args.temperature

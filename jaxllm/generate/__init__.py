@@ -321,8 +321,3 @@ def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
              prefix_embeddings: Any | None = None, **kwargs) -> list[Completion]:
   """One-call form of `Generator(cfg, params, mesh, prefix_embeddings).generate(prompts, ...)`."""
   return Generator(cfg, params, mesh, prefix_embeddings).generate(prompts, sampling, **kwargs)
-
-
-if __name__ == "__main__":
-  from jaxllm.generate_cli import main  # pylint: disable=import-outside-toplevel
-  raise SystemExit(main())

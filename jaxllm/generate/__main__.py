@@ -170,3 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _print_bench(args) -> None:
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in bench(args).items()))
 
+
+
+if __name__ == "__main__":
+  sys.exit(main())
