@@ -11,7 +11,7 @@ import pytest
 
 from jaxllm import model_dir, peft
 from jaxllm.config import ConfigError, default_config, validate
-from jaxllm.data import sft
+from jaxllm.data import chat, sft
 from jaxllm.models import GPT, ModelConfig, stacking
 from jaxllm.tokenizer import train_bpe
 from tests.test_sft import make_records
@@ -55,7 +55,7 @@ def model_section(**extra) -> dict:
 def base(tmp_path_factory):
   """A random tiny transformers GPT-2, its tokenizer, and the same weights as a jaxllm model dir."""
   root = tmp_path_factory.mktemp("base")
-  texts = [" ".join(r.values()) for r in make_records(100)] + [sft.ALPACA_PREAMBLE_INPUT]
+  texts = [" ".join(r.values()) for r in make_records(100)] + [chat.ALPACA_PREAMBLE_INPUT]
   tokenizer = train_bpe(texts, 300)
   torch.manual_seed(0)
   hf_config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=MAX_LEN, n_embd=D_MODEL,

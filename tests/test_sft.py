@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxllm.data import sft
+from jaxllm.data import chat, sft
 from jaxllm.data.sources import DataError
 from jaxllm.models import GPT, ModelConfig
 from jaxllm.tokenizer import train_bpe
@@ -31,7 +31,7 @@ def make_records(n, seed=0, long_output=False):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  texts = [" ".join(r.values()) for r in make_records(100)] + [sft.ALPACA_PREAMBLE_INPUT,
+  texts = [" ".join(r.values()) for r in make_records(100)] + [chat.ALPACA_PREAMBLE_INPUT,
                                                               "### Instruction: Human: Assistant:"]
   tok = train_bpe(texts, 300, special_tokens=("<|im_end|>", "<|im_start|>"))
   tok.chat_template = CHATML
@@ -101,9 +101,9 @@ def test_truncation_keeps_the_prompt_and_cuts_the_response_tail(tokenizer):
 
 def test_bad_records_and_template_get_one_clear_error(tokenizer):
   with pytest.raises(DataError, match="record 3: neither Alpaca-shaped"):
-    sft.normalize_record({"text": "x"}, "record 3")
+    chat.normalize_record({"text": "x"}, "record 3")
   with pytest.raises(DataError, match="role 'robot'"):
-    sft.normalize_record({"messages": [{"role": "robot", "content": "x"}]})
+    chat.normalize_record({"messages": [{"role": "robot", "content": "x"}]})
   with pytest.raises(DataError, match="data.template='nope' is not known"):
     sft.get_template("nope")
 
