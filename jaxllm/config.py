@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
       remat="none", attention_impl="auto", type_vocab_size=2, use_pooler=False,
       matmul_impl="auto",     # auto (cpu_vjp on the CPU backend only) | xla | cpu_vjp: docs/performance.md
       scan_layers=True,       # blocks under nn.scan, parameters stacked [num_layers, ...] as layers/...
+      scan_unroll=0,          # layers per scanned-loop iteration; 0 = auto (all <= 12 on CPU, else 1)
       num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
 
   c.data = ml_collections.ConfigDict(dict(

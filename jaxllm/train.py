@@ -51,7 +51,7 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
 # recipe's; every other model key comes from the init_from directory's config.json.
 RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",
-                      "matmul_impl", "scan_layers", "num_virtual_tokens")  # an adapter on the base, not the base's architecture
+                      "matmul_impl", "scan_layers", "scan_unroll", "num_virtual_tokens")  # an adapter on the base, not the base's architecture
 
 
 def adopt_init_from_architecture(config: Any) -> list[str]:

@@ -23,7 +23,7 @@ from jaxllm.errors import ConfigError
 
 # Model keys that say how to run a model, not what it is: a resumed run may change them.
 RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",
-                      "matmul_impl", "scan_layers")
+                      "matmul_impl", "scan_layers", "scan_unroll")
 # Data keys that define the token stream a checkpoint's data position points into.
 STREAM_DATA_KEYS = ("seq_len", "packing", "tokenizer", "tokenizer_vocab_size", "num_shards", "seed",
                     "row_shuffle", "pack_bins", "tokenize_batch", "shuffle_buffer", "source")

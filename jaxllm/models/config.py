@@ -45,6 +45,10 @@ class ModelConfig:
   # cpu_vjp: Dense backwards laid out for XLA CPU (jaxllm/models/cpu_matmul.py)
   matmul_impl: str = "auto"
   scan_layers: bool = True       # the blocks under nn.scan, parameters stacked `layers/...` [num_layers, ...]
+  # Layers per iteration of the scanned loop: 0 = auto (on the CPU backend all of them up to 12
+  # layers, where XLA CPU's loop costs more step time than the longer program costs compile
+  # time; 1 elsewhere and for deeper models). Parameters stay stacked either way.
+  scan_unroll: int = 0
   num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
   # BERT only.
   type_vocab_size: int = 2
@@ -78,6 +82,14 @@ class ModelConfig:
     values = dict(model_cfg)
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+  @property
+  def layers_per_scan_step(self) -> int:
+    """`scan_unroll` resolved (when the model is traced): how many layers one loop iteration runs."""
+    if self.scan_unroll > 0:
+      return min(self.scan_unroll, self.num_layers)
+    import jax  # pylint: disable=import-outside-toplevel
+    return self.num_layers if jax.default_backend() == "cpu" and self.num_layers <= 12 else 1
 
   @property
   def cpu_matmul(self) -> bool:

@@ -34,7 +34,7 @@ def make_layers(block: type[nn.Module], cfg: ModelConfig, mesh: jax.sharding.Mes
   if not cfg.scan_layers:
     return [block(cfg, mesh, name=f"layer_{i}") for i in range(cfg.num_layers)]
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                 in_axes=scan_in_axes, length=cfg.num_layers,
+                 in_axes=scan_in_axes, length=cfg.num_layers, unroll=cfg.layers_per_scan_step,
                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg, mesh, name="layers")
 
 
