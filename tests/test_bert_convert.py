@@ -130,7 +130,7 @@ def test_encoder_only_bert_imports_exactly_with_an_initialised_head(encoder_only
   assert model_cfg.family == "bert" and model_cfg.tie_embeddings
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   np.testing.assert_array_equal(np.asarray(params["embed"]["embedding"]), state["embeddings.word_embeddings.weight"])
-  np.testing.assert_array_equal(np.asarray(params["layer_1"]["mlp"]["wo"]["kernel"]),
+  np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["wo"]["kernel"][1]),
                                 state["encoder.layer.1.output.dense.weight"].T)
   # The head as transformers initialises BertForMaskedLM's: N(0, initializer_range), LayerNorm 1/0, bias 0.
   kernel = np.asarray(params["mlm_dense"]["kernel"])

@@ -78,8 +78,9 @@ def lying_model_dir(workdir, tmp_path, **model_changes):
   return fake
 
 
-@pytest.mark.parametrize("changes,named", [({"num_layers": 1}, "holds parameter layer_1"),
-                                           ({"num_layers": 3}, "has no parameter layer_2"),
+@pytest.mark.parametrize("changes,named", [({"num_layers": 1}, "there but (1, "),
+                                           ({"num_layers": 3}, "there but (3, "),
+                                           ({"num_layers": 1, "scan_layers": False}, "there but (1, "),
                                            ({"d_ff": 64}, "mlp")])
 def test_loaders_refuse_a_checkpoint_of_another_model(trained, tmp_path, changes, named):
   _, workdir = trained
@@ -101,6 +102,6 @@ def test_generate_and_convert_refuse_it_with_one_line(trained, tmp_path):
     result = run_cli(*args, timeout=300)
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
-    assert lines[-1].startswith("error:") and "layer_1" in lines[-1], lines[-1]
+    assert lines[-1].startswith("error:") and "layers/" in lines[-1] and "(1, " in lines[-1], lines[-1]
     assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "hf") or not os.listdir(tmp_path / "hf")
