@@ -59,7 +59,7 @@ class ModelConfig:
                           ("norm", ("layernorm", "rmsnorm")),
                           ("activation", ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")),
                           ("remat", ("none", "dots", "full")),
-                          ("attention_impl", ("auto", "xla", "cudnn")),
+                          ("attention_impl", ("auto", "xla", "cudnn", "pallas_gpu", "splash")),
                           ("dtype", tuple(_DTYPES)), ("param_dtype", tuple(_DTYPES)),
                           ("family", ("gpt", "bert"))):
       if getattr(self, name) not in allowed:
