@@ -43,6 +43,9 @@ CUDNN_TAKES_SEGMENT_IDS = False
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128  # 256 on Hopper and later; 128 holds on every cuDNN-capable GPU
 PALLAS_GPU_BLOCK = 128    # the kernel's default block_q = block_k; sequences are padded to it
+# Its tiles grow with the head dim (padded to a power of 2); past 128 they may not fit in
+# shared memory at the default blocks, so auto leaves those to xla (asked for by name, it runs).
+PALLAS_GPU_AUTO_MAX_HEAD_DIM = 128
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) sequence is used
 _KERNEL_PLATFORM = {"pallas_gpu": "gpu", "splash": "tpu"}
 
@@ -106,11 +109,15 @@ def resolve_impl(impl: str, platform: str, features: AttentionFeatures) -> tuple
   if platform == "gpu":
     if features.dtype not in CUDNN_DTYPES:
       return "xla", f"{features.dtype} on GPU: the fused kernels are picked for bfloat16/float16"
-    if _lacks("cudnn", platform, features) is None:
+    no_cudnn = _lacks("cudnn", platform, features)
+    if no_cudnn is None:
       return "cudnn", "cuDNN fused attention"
-    if _lacks("pallas_gpu", platform, features) is None:
-      return "pallas_gpu", "packed segment ids: Pallas flash attention (cuDNN takes none)"
-    return "xla", f"no fused GPU kernel takes {_lacks('pallas_gpu', platform, features)}"
+    no_pallas = _lacks("pallas_gpu", platform, features)
+    if no_pallas is None and features.head_dim > PALLAS_GPU_AUTO_MAX_HEAD_DIM:
+      no_pallas = f"head_dim {features.head_dim} (auto picks it up to {PALLAS_GPU_AUTO_MAX_HEAD_DIM})"
+    if no_pallas is None:
+      return "pallas_gpu", f"Pallas flash attention (cuDNN cannot take {no_cudnn})"
+    return "xla", f"cuDNN cannot take {no_cudnn}, pallas_gpu {no_pallas}"
   if platform == "tpu":
     why = _lacks("splash", platform, features)
     return ("xla", f"splash cannot take {why}") if why else ("splash", "TPU splash attention")
