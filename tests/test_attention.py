@@ -105,11 +105,13 @@ def test_xla_matches_hand_built_mask(causal, prefix, alibi):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
 
-# (name, seq, heads, kv_heads, packed, causal, prefix): seq 200 is padded to the kernels' blocks.
+# (name, seq, heads, kv_heads, packed, causal, prefix); seq 200 is padded to the kernels' blocks,
+# which the bidirectional cases would see if the padding were not a segment of its own.
 CASES = [("packed_gqa", 128, 4, 2, True, True, False),
          ("packed_prefix_lm_gqa", 128, 4, 2, True, True, True),
-         ("packed_bidirectional_mha", 128, 2, 2, True, False, False),
-         ("unpacked_causal_mqa_padded", 200, 4, 1, False, True, False)]
+         ("packed_bidirectional_mha_padded", 200, 2, 2, True, False, False),
+         ("unpacked_bidirectional_mqa_padded", 200, 4, 1, False, False, False),
+         ("unpacked_prefix_lm_mqa", 128, 4, 1, False, True, True)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
