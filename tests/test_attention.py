@@ -168,6 +168,17 @@ def test_sharded_kernel_matches_xla(impl, kv_heads):
   assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v))
 
 
+def test_kernel_takes_the_mesh_of_jax_set_mesh():
+  mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), MESH_AXES)
+  q, k, v, _ = qkv(128, heads=4, kv_heads=2)
+  segment_ids = jnp.asarray(packed_segments(128))
+  fn = jax.jit(lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, impl="splash"))
+  with jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v))
+    got = fn(q, k, v)
+  assert rel_err(got, attention(q, k, v, segment_ids=segment_ids, impl="xla")) < 1e-5
+
+
 def test_cudnn_prefix_lm_decomposition(monkeypatch):
   """cuDNN's prefix-LM (a full call over key_value_seq_lengths=prefix_len, a causal call),
   run through jax.nn's xla path, which takes the same arguments, equals the masked reference."""

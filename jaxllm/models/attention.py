@@ -29,7 +29,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxllm.errors import ConfigError
 from jaxllm.sharding import LOGICAL_RULES
@@ -167,7 +167,8 @@ def alibi_bias(num_heads: int, q_positions: Array, k_positions: Array) -> Array:
 
 def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None, causal: bool = True,
               prefix_len: Array | None = None, bias: Array | None = None, alibi: bool = False,
-              positions: Array | None = None, impl: str = "auto", mesh: Mesh | None = None) -> Array:
+              positions: Array | None = None, impl: str = "auto",
+              mesh: Mesh | AbstractMesh | None = None) -> Array:
   """Scaled dot-product self-attention, softmax(q k^T / sqrt(head_dim) + bias) v, on the kernel
   `impl` resolves to (`resolve_impl`).
 
@@ -176,8 +177,9 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
   documents never attend across (0 = padding, its own segment). prefix_len [batch]: with
   causal, the first prefix_len tokens of a row attend both ways. bias: an additive
   [batch or 1, heads, seq, seq] bias; or alibi=True with positions [batch, seq] (restarting
-  per document), which builds the ALiBi bias only where a kernel takes one. mesh: with more
-  than one device, the Pallas kernels run per shard under shard_map.
+  per document), which builds the ALiBi bias only where a kernel takes one. mesh (default:
+  the one set by an enclosing `jax.set_mesh`): with more than one device, the Pallas
+  kernels run per shard under shard_map.
   Returns [batch, seq, heads, head_dim] in q's dtype.
   """
   batch, seq_len, num_heads, head_dim = q.shape
@@ -190,7 +192,10 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
     prefix_len = None  # bidirectional everywhere already
   has_bias = bias is not None or alibi
   features = AttentionFeatures.of(q, k, segment_ids, prefix_len, has_bias or None, causal)
-  platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+  if mesh is None:  # the mesh of an enclosing jax.set_mesh, if any
+    context = jax.sharding.get_abstract_mesh()
+    mesh = None if context.empty else context
+  platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else jax.default_backend()
   name, reason = resolve_impl(impl, platform, features)
   if name != impl and impl != "auto":
     warnings.warn(f"model.attention_impl={impl}: {reason}.", stacklevel=2)
@@ -318,7 +323,7 @@ def _splash(q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
   return out[:, :seq_len].astype(q.dtype)
 
 
-def _mesh_axes(logical: str, dim: int, mesh: Mesh) -> tuple[str, ...] | None:
+def _mesh_axes(logical: str, dim: int, mesh: Mesh | AbstractMesh) -> tuple[str, ...] | None:
   """The mesh axes jaxllm.sharding maps `logical` onto, keeping those that divide `dim`."""
   axes = dict(LOGICAL_RULES).get(logical)
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -330,7 +335,7 @@ def _mesh_axes(logical: str, dim: int, mesh: Mesh) -> tuple[str, ...] | None:
   return tuple(kept) or None
 
 
-def _sharded(kernel, mesh: Mesh, q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
+def _sharded(kernel, mesh: Mesh | AbstractMesh, q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
   """Runs `kernel` per shard: batch over the `batch` mesh axes, heads over the `heads` ones.
   Kv heads that the head axes do not divide are repeated up to the query heads first."""
   batch, _, num_heads, _ = q.shape
