@@ -61,9 +61,11 @@ class AttentionFeatures:
   decode: bool = False        # queries against a longer key sequence (KV-cache decoding)
 
   @classmethod
-  def of(cls, q: Array, k: Array, segment_ids, prefix_len, bias, causal: bool = True) -> "AttentionFeatures":
+  def of(cls, q: Array, k: Array, *, segment_ids: Array | None = None, prefix_len: Array | None = None,
+         has_bias: bool = False, causal: bool = True) -> "AttentionFeatures":
+    """The features of a call with these arrays (q [batch, q_len, ...], k [batch, kv_len, ...])."""
     return cls(segment_ids=segment_ids is not None, prefix_lm=prefix_len is not None and causal,
-               bias=bias is not None, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
+               bias=has_bias, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
                decode=q.shape[1] != k.shape[1])
 
 
@@ -190,8 +192,8 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
   assert prefix_len is None or prefix_len.shape == (batch,), prefix_len.shape
   if not causal:
     prefix_len = None  # bidirectional everywhere already
-  has_bias = bias is not None or alibi
-  features = AttentionFeatures.of(q, k, segment_ids, prefix_len, has_bias or None, causal)
+  features = AttentionFeatures.of(q, k, segment_ids=segment_ids, prefix_len=prefix_len,
+                                  has_bias=bias is not None or alibi, causal=causal)
   if mesh is None:  # the mesh of an enclosing jax.set_mesh, if any
     context = jax.sharding.get_abstract_mesh()
     mesh = None if context.empty else context
