@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption
@@ -26,6 +27,7 @@ from jaxllm.data.pipeline import restore_iterator, saved_position
 from jaxllm.data.task import TaskData, build_task_data
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
+from jaxllm.models.attention import AttentionFeatures, resolve_impl
 from jaxllm.optim import merge_params
 from jaxllm.plot import write_loss_curve_or_warn
 from jaxllm.sharding import make_global_batch, make_mesh
@@ -147,6 +149,7 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   writer.text(f"model: {r.model_cfg.num_params() / 1e6:.2f}M parameters; mesh {dict(r.mesh.shape)}; "
               f"{config.train.batch_size * config.data.seq_len} tokens/step; "
               f"start at step {r.start_step} of {config.train.steps}")
+  writer.text(attention_line(config, r.model_cfg))
   if config.train.get("trainable", "") and r.start_step == 0:
     report = peft.parameter_report(r.setup)
     if config.train.memory_report:  # compiles a full fine-tuning step too, only for this line
@@ -224,6 +227,15 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
     if save_now:
       checkpoint.save(r.manager, step, r.checkpointable(state), saved_position(r.train_iter), force=is_last)
   return state, step, last
+
+
+def attention_line(config: Any, model_cfg: Any) -> str:
+  """Which attention kernel the step runs and why (what `model.attention_impl=auto` picked)."""
+  packed = config.data.get("packing", "concat") == "document" or model_cfg.family == "bert"
+  features = AttentionFeatures(segment_ids=packed, bias=model_cfg.position == "alibi",
+                               dtype=jnp.dtype(model_cfg.compute_dtype).name, head_dim=model_cfg.head_dim)
+  kernel, reason = resolve_impl(model_cfg.attention_impl, jax.default_backend(), features)
+  return f"attention: {kernel} (model.attention_impl={model_cfg.attention_impl}: {reason})"
 
 
 def print_sample(r: Run, state: Any) -> None:

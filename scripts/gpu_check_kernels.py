@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import inspect
 import math
 import os
 import re
@@ -73,23 +72,12 @@ def xla_reference(q, k, v, segment_ids):
 
 
 def jaxllm_backend(impl: str) -> Callable:
-  """attend(q, k, v, segment_ids) through jaxllm.models.layers.dot_product_attention(impl=...),
-  passing segment ids if it takes them, else the mask jaxllm's model builds from them."""
-  from jaxllm.models import layers  # pylint: disable=import-outside-toplevel
-  fn = layers.dot_product_attention
-  params = inspect.signature(fn).parameters
+  """attend(q, k, v, segment_ids) through jaxllm.models.attention.attention(impl=...), the function
+  the model calls (causal, packed segment ids; a kernel lacking a feature falls back to xla and warns)."""
+  from jaxllm.models.attention import attention  # pylint: disable=import-outside-toplevel
 
   def attend(q, k, v, segment_ids):
-    kwargs: dict[str, Any] = {"impl": impl} if "impl" in params else {"implementation": impl}
-    if "segment_ids" in params:
-      kwargs["segment_ids"] = segment_ids
-      mask = None
-    else:
-      mask = layers.attention_mask(q.shape[1], segment_ids, None, causal=True, batch=q.shape[0])
-    for name, value in (("mask", mask), ("bias", None), ("causal", mask is None)):
-      if name in params:
-        kwargs[name] = value
-    return fn(q, k, v, **kwargs)
+    return attention(q, k, v, segment_ids=segment_ids, causal=True, impl=impl)
   return attend
 
 

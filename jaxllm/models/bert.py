@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.gpt import make_layers
-from jaxllm.models.layers import (HIDDEN, Attention, Mlp, activation_fn, attention_mask, constrain, dense_init,
+from jaxllm.models.layers import (HIDDEN, Attention, Mlp, Visibility, activation_fn, constrain, dense_init,
                                   make_norm, zeros_init)
 
 Array = jax.Array
@@ -29,11 +29,11 @@ class EncoderBlock(nn.Module):
   mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True
+  def __call__(self, x: Array, positions: Array, visibility: Visibility, deterministic: bool = True
                ) -> tuple[Array, None]:
     cfg = self.cfg
     x = constrain(x, HIDDEN, self.mesh)
-    h = Attention(cfg, self.mesh, causal=False, name="attn")(x, positions, mask, None, deterministic)
+    h = Attention(cfg, self.mesh, causal=False, name="attn")(x, positions, visibility, deterministic)
     x = make_norm(cfg, "attn_norm")(x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic))
     x = x.astype(cfg.compute_dtype)
     h = Mlp(cfg, self.mesh, name="mlp")(x, deterministic)
@@ -80,12 +80,12 @@ class Bert(nn.Module):
     x = self.embed(tokens) + self.pos_embed(positions) + self.type_embed(token_types)
     x = self.embed_norm(x).astype(self.cfg.compute_dtype)
     x = self.dropout(x, deterministic=deterministic)
-    mask = attention_mask(seq_len, segment_ids, None, causal=False, batch=batch)
+    visibility = Visibility(segment_ids)  # padding (segment 0) sees only padding
     if self.cfg.scan_layers:
-      x, _ = self.layers(x, positions, mask, deterministic)
+      x, _ = self.layers(x, positions, visibility, deterministic)
     else:
       for layer in self.layers:
-        x, _ = layer(x, positions, mask, deterministic)
+        x, _ = layer(x, positions, visibility, deterministic)
     return x
 
   def pool(self, hidden: Array) -> Array:

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import (HIDDEN, Attention, KVCache, Mlp, alibi_bias, attention_mask, constrain, make_norm,
-                                  tied_logits)
+from jaxllm.models.attention import alibi_bias
+from jaxllm.models.layers import (HIDDEN, Attention, KVCache, Mlp, Visibility, constrain, make_norm, tied_logits)
 
 Array = jax.Array
 
@@ -44,14 +44,14 @@ class Block(nn.Module):
   mesh: jax.sharding.Mesh | None = None  # activation sharding constraints (layers.constrain)
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+  def __call__(self, x: Array, positions: Array, visibility: Visibility,
                deterministic: bool = True, cache: KVCache | None = None,
                cache_index: Array | None = None) -> tuple[Array, KVCache | None]:
     """Returns (x, new_cache); new_cache is None without `cache` (decoding, see Attention)."""
     cfg = self.cfg
     x = constrain(x, HIDDEN, self.mesh)
     h = make_norm(cfg, "attn_norm")(x).astype(cfg.compute_dtype)
-    h = Attention(cfg, self.mesh, name="attn")(h, positions, mask, bias, deterministic, cache, cache_index)
+    h = Attention(cfg, self.mesh, name="attn")(h, positions, visibility, deterministic, cache, cache_index)
     if cache is not None:
       h, cache = h
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -86,9 +86,9 @@ class GPT(nn.Module):
                                                       (None, "embed")))
     if cfg.embed_norm:
       self.embed_norm = make_norm(cfg, "embed_norm")
-    # `deterministic` (argument 5) is a Python bool; the cache (6) is scanned over with the layers.
+    # `deterministic` (argument 4) is a Python bool; the cache (5) is scanned over with the layers.
     broadcast = nn.broadcast
-    self.layers = make_layers(Block, cfg, self.mesh, 5, (broadcast, broadcast, broadcast, broadcast, 0, broadcast))
+    self.layers = make_layers(Block, cfg, self.mesh, 4, (broadcast, broadcast, broadcast, 0, broadcast))
     self.dropout = nn.Dropout(cfg.dropout_rate)
     self.final_norm = make_norm(cfg, "final_norm")
     if not cfg.tie_embeddings:
@@ -153,13 +153,7 @@ class GPT(nn.Module):
       prompt = jnp.broadcast_to(self.prompt(jnp.arange(num_virtual)), (batch, num_virtual, cfg.d_model))
     x = self.embed_tokens(tokens, positions, prompt)
     x = self.dropout(x, deterministic=deterministic)
-    mask = attention_mask(seq_len, segment_ids, prefix_len, causal=True, batch=batch)
-    bias = None
-    if cfg.position == "alibi":
-      bias = alibi_bias(cfg.num_heads, positions, positions)
-      if mask is None:  # the bias path needs the causal mask spelled out
-        mask = attention_mask(seq_len, jnp.zeros((batch, seq_len), jnp.int32), None, True, batch)
-    x, _ = self.run_layers(x, positions, mask, bias, deterministic)
+    x, _ = self.run_layers(x, positions, Visibility(segment_ids, prefix_len), deterministic)
     x = x[:, num_virtual:]  # virtual positions predict nothing and get no loss
     return self.final_norm(x).astype(cfg.compute_dtype)
 
@@ -186,23 +180,24 @@ class GPT(nn.Module):
     causal = jnp.arange(max_len)[None, :] <= slots[:, None]  # [q_len, max_len]
     mask = key_valid[:, None, None, :] & causal[None, None]  # [batch, 1, q_len, max_len]
     bias = alibi_bias(cfg.num_heads, positions, key_positions) if cfg.position == "alibi" else None
-    x, new_cache = self.run_layers(x, positions, mask, bias, True, cache, cache_index)
+    x, new_cache = self.run_layers(x, positions, Visibility(slot_mask=mask, slot_bias=bias), True, cache,
+                                   cache_index)
     x = x[:, -1]
     if head is None:
       return self.logits(x), new_cache
     x = self.final_norm(x).astype(cfg.compute_dtype)
     return jnp.dot(x, head.astype(cfg.compute_dtype)).astype(jnp.float32), new_cache
 
-  def run_layers(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+  def run_layers(self, x: Array, positions: Array, visibility: Visibility,
                  deterministic: bool, cache: KVCache | tuple[KVCache, ...] | None = None,
                  cache_index: Array | None = None) -> tuple[Array, KVCache | tuple[KVCache, ...] | None]:
     """x through every block. The cache is one KVCache stacked [num_layers, ...] for scanned
     layers, else a tuple of per-layer KVCaches (see `init_cache`)."""
     if self.cfg.scan_layers:
-      return self.layers(x, positions, mask, bias, deterministic, cache, cache_index)
+      return self.layers(x, positions, visibility, deterministic, cache, cache_index)
     new_cache = []
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, mask, bias, deterministic,
+      x, layer_cache = layer(x, positions, visibility, deterministic,
                              None if cache is None else cache[i], cache_index)
       new_cache.append(layer_cache)
     return x, None if cache is None else tuple(new_cache)

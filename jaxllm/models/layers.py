@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxllm.models.cpu_matmul as cpu_matmul
+from jaxllm.models.attention import attention
 from jaxllm.models.config import ModelConfig
 from jaxllm.sharding import LOGICAL_RULES
 
@@ -89,43 +90,17 @@ def rotary_embedding(x: Array, positions: Array, theta: float) -> Array:
   return out.astype(x.dtype)
 
 
-def alibi_slopes(num_heads: int) -> Array:
-  """Per-head ALiBi slopes (Press et al.; the Bloom variant for head counts that aren't powers of 2)."""
-  closest = 2 ** math.floor(math.log2(num_heads))
-  base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-  slopes = [base ** (i + 1) for i in range(closest)]
-  if closest != num_heads:
-    extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-    slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
-  return jnp.asarray(slopes, jnp.float32)
+class Visibility(NamedTuple):
+  """What attention may see, as the model hands it down to every block.
 
-
-def alibi_bias(num_heads: int, q_positions: Array, k_positions: Array) -> Array:
-  """[batch, heads, q_len, k_len] bias slope * (key_pos - query_pos); per-row constants cancel in softmax."""
-  rel = (k_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)
-  return alibi_slopes(num_heads)[None, :, None, None] * rel[:, None, :, :]
-
-
-def attention_mask(q_len: int, segment_ids: Array | None = None, prefix_len: Array | None = None,
-                   causal: bool = True, batch: int = 1) -> Array | None:
-  """Boolean [batch, 1, q_len, k_len] mask (True = may attend), or None for plain causal.
-
-  segment_ids [batch, seq]: tokens only see tokens of the same segment (packed documents).
-  prefix_len [batch]: the first prefix_len tokens see each other both ways (prefix-LM).
-  """
-  if segment_ids is None and prefix_len is None:
-    return None
-  mask = jnp.ones((batch, q_len, q_len), bool)
-  if causal:
-    i = jnp.arange(q_len)[:, None]
-    j = jnp.arange(q_len)[None, :]
-    allowed = j <= i
-    if prefix_len is not None:
-      allowed = allowed | (j[None] < prefix_len[:, None, None])
-    mask = mask & allowed
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return mask[:, None, :, :]
+  Training and prefill carry integer facts only, never a dense mask, so that a fused kernel
+  takes them (jaxllm/models/attention.py): segment_ids [batch, seq] (packed documents never
+  attend across) and prefix_len [batch] (prefix-LM). Decoding against a KV cache carries the
+  slot mask [batch, 1, q_len, max_len] and ALiBi's bias over the slots instead."""
+  segment_ids: Array | None = None
+  prefix_len: Array | None = None
+  slot_mask: Array | None = None
+  slot_bias: Array | None = None
 
 
 class KVCache(NamedTuple):
@@ -154,19 +129,19 @@ def cached_attention(q: Array, cache: KVCache, mask: Array, bias: Array | None) 
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query attention through `jax.nn.dot_product_attention`.
+  """Multi-head / grouped-query attention on the kernel `model.attention_impl` resolves to
+  (`attention.attention`: segment ids, causal or prefix-LM, ALiBi from the positions).
 
   With `cache` (decoding), the new keys/values are written into the cache at slot
-  `cache_index` and the queries attend over every cache slot (`cached_attention`); `mask`
-  then has shape [batch, 1, q_len, max_len] and says which slots each query may see.
-  Returns (out, new_cache) in that case, else out.
+  `cache_index` and the queries attend over every cache slot (`cached_attention`) as
+  `visibility.slot_mask` allows. Returns (out, new_cache) in that case, else out.
   """
   cfg: ModelConfig
   mesh: jax.sharding.Mesh | None = None
   causal: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None,
+  def __call__(self, x: Array, positions: Array, visibility: Visibility,
                deterministic: bool = True, cache: KVCache | None = None,
                cache_index: Array | None = None) -> Array | tuple[Array, KVCache]:
     cfg = self.cfg
@@ -188,10 +163,11 @@ class Attention(nn.Module):
       write = lambda buf, new: jax.lax.dynamic_update_slice(  # noqa: E731
           buf, new.swapaxes(1, 2).astype(buf.dtype), (0, 0, cache_index, 0))
       cache = KVCache(write(cache.k, k), write(cache.v, v))
-      out = cached_attention(q, cache, mask, bias)
+      out = cached_attention(q, cache, visibility.slot_mask, visibility.slot_bias)
     else:
-      out = dot_product_attention(q, k, v, mask=mask, bias=bias, causal=self.causal and mask is None,
-                                  impl=cfg.attention_impl)
+      out = attention(q, k, v, segment_ids=visibility.segment_ids, prefix_len=visibility.prefix_len,
+                      causal=self.causal, alibi=cfg.position == "alibi", positions=positions,
+                      impl=cfg.attention_impl, mesh=self.mesh)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = nn.DenseGeneral(
@@ -199,16 +175,6 @@ class Attention(nn.Module):
         param_dtype=cfg.weight_dtype, kernel_init=dense_init(out_std, ("heads", "head_dim", "embed")),
         bias_init=zeros_init(("embed",)), name="out", dot_general=matmul_dot_general(cfg))(out)
     return out if cache is None else (out, cache)
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None, bias: Array | None,
-                          causal: bool, impl: str = "auto") -> Array:
-  """Scaled dot-product attention; picks cuDNN's fused kernel on GPU where it applies."""
-  implementation = None if impl == "auto" else impl
-  if bias is not None:
-    bias = bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
-                                      implementation=implementation)
 
 
 class Mlp(nn.Module):
