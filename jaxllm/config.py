@@ -144,3 +144,14 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
     if t[key] <= 0:
       raise ConfigError(f"train.{key}={t[key]} must be positive.")
   return model_cfg
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ("train.steps") on a ConfigDict, as --config.train.steps=... would."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

@@ -18,6 +18,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
+from jaxllm.config import apply_overrides  # noqa: E402,F401  (the sections import it from here)
+
 DRY_RUN = os.environ.get("DRY_RUN", "0") not in ("", "0")
 
 # The tiny shape of the dry run, applied on top of any recipe.
@@ -29,16 +31,6 @@ def load_config(recipe: str, overrides: dict[str, Any] | None = None):
   """configs/<recipe>.py's get_config() with dotted overrides ("train.steps": 5) applied."""
   config = importlib.import_module(f"configs.{recipe}").get_config()
   return apply_overrides(config, overrides or {})
-
-
-def apply_overrides(config, overrides: dict[str, Any]):
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def dry_overrides(config) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import random
 import subprocess
 import sys
 
-from jaxllm.config import default_config
+from jaxllm.config import apply_overrides, default_config  # noqa: F401  (apply_overrides: tests import it here)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,17 +38,6 @@ def make_tiny_config(tmp_path, **overrides):
   config.optim.update(lr=3e-3, warmup_steps=2, min_lr=3e-4)
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   return apply_overrides(config, overrides)
-
-
-def apply_overrides(config, overrides: dict):
-  """Sets dotted keys ("train.steps") on a ConfigDict, as --config.train.steps=... would."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def run_cli(module: str, *args: str, env: dict | None = None, timeout: int = 600,

@@ -30,16 +30,21 @@ def tiny_bert_config(**kw):
       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), **kw))
 
 
+def randomize(model) -> None:
+  """Every weight random, norm weights around 1 (so no weight is left at its init value)."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm = p.ndim == 1 and name.endswith("weight")
+      p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
   """(HF model, HF dir, jaxllm dir, ModelConfig, params, tokenizer); every weight random."""
   root = tmp_path_factory.mktemp("bert_convert")
   torch.manual_seed(0)
   model = transformers.BertForMaskedLM(tiny_bert_config()).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm = p.ndim == 1 and name.endswith("weight")
-      p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+  randomize(model)
   tokenizer = train_tokenizer(prose_documents(30_000), "wordpiece", VOCAB)
   hf_dir, jx_dir = str(root / "hf"), str(root / "jaxllm")
   model.save_pretrained(hf_dir)
@@ -110,10 +115,7 @@ def encoder_only(tmp_path_factory, converted):
   root = tmp_path_factory.mktemp("bert_encoder")
   torch.manual_seed(1)
   model = transformers.BertModel(tiny_bert_config()).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      is_norm = p.ndim == 1 and name.endswith("weight")
-      p.copy_(1 + 0.2 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
+  randomize(model)
   hf_dir, jx_dir = str(root / "hf"), str(root / "jaxllm")
   model.save_pretrained(hf_dir)
   converted[5].save_pretrained(hf_dir)  # the WordPiece tokenizer of the masked-LM fixture
