@@ -50,7 +50,7 @@ def validate(train_cfg: Any) -> None:
   policy = train_cfg.get("nonfinite_policy", "skip")
   if policy not in POLICIES:
     raise ConfigError(f"train.nonfinite_policy={policy!r} is not known; use one of {POLICIES}.")
-  if train_cfg.get("max_nonfinite_in_a_row", 0) < 0:
+  if train_cfg.get("max_nonfinite_in_a_row", 10) < 0:
     raise ConfigError(f"train.max_nonfinite_in_a_row={train_cfg.max_nonfinite_in_a_row} must be >= 0 "
                       "(0 = never stop).")
 
@@ -59,7 +59,7 @@ def limit(train_cfg: Any) -> int:
   """How many non-finite steps in a row stop the run (0 = never)."""
   if train_cfg.get("nonfinite_policy", "skip") == "stop":
     return 1
-  return int(train_cfg.get("max_nonfinite_in_a_row", 0))
+  return int(train_cfg.get("max_nonfinite_in_a_row", 10))
 
 
 def violation(fetched: Sequence[dict[str, Any]], first_step: int, train_cfg: Any) -> str | None:
@@ -73,7 +73,7 @@ def violation(fetched: Sequence[dict[str, Any]], first_step: int, train_cfg: Any
       step = first_step + offset
       return (f"non-finite loss/gradients in {in_a_row} step(s) in a row (steps {step - in_a_row + 1}-{step}; "
               f"train.nonfinite_policy={train_cfg.get('nonfinite_policy', 'skip')!r}, "
-              f"max_nonfinite_in_a_row={train_cfg.get('max_nonfinite_in_a_row', 0)}); those updates were "
+              f"max_nonfinite_in_a_row={train_cfg.get('max_nonfinite_in_a_row', 10)}); those updates were "
               "skipped and the last checkpoint is intact. Lower optim.lr, raise optim.warmup_steps or check "
               "the data, then rerun to resume.")
   return None

@@ -196,7 +196,7 @@ def pack_documents(tokens: grain.IterDataset, seq_len: int, num_bins: int, seed:
   return rows.map(_document_row)
 
 
-def pack(tokens: grain.IterDataset, mode: str, seq_len: int, num_bins: int = 64, seed: int = 0) -> grain.IterDataset:
+def pack(tokens: grain.IterDataset, mode: str, seq_len: int, num_bins: int = 128, seed: int = 0) -> grain.IterDataset:
   if mode == "concat":
     return pack_concat(tokens, seq_len)
   if mode == "document":
