@@ -109,14 +109,13 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   wanted = _flat_params({"params": getattr(abstract_state, "params", None),
                          "frozen": getattr(abstract_state, "frozen", None)})
   if wanted:  # a train state: its parameters must be exactly the model's, shapes included
-    _refuse_other_layer_layout(manager, step, abstract_state)
+    _refuse_other_layer_layout(manager, step, stored, getattr(abstract_state, "params", {}) or {})
     check_params_fit(_flat_params(stored), wanted, wanted, where=where,
                      fix="resume with the config it was trained with (its config.json) or use a fresh --workdir")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   except (ValueError, KeyError, TypeError) as e:
-    _refuse_other_layer_layout(manager, step, abstract_state)
     raise CheckpointError(
         f"checkpoint step {step} in {manager.directory} does not fit this model/config "
         f"({str(e).splitlines()[0][:200]}); use a fresh --workdir or the config it was trained with."
@@ -124,13 +123,11 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int | Non
   return restored["state"], restored["data"], step
 
 
-def _refuse_other_layer_layout(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
-  """One line saying how to go on when a run's checkpoint has the other layer layout
-  (unrolled layer_0.. from before scanned layers, or stacked `layers`)."""
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    stored = _stored_tree(checkpointer, os.path.join(str(manager.directory), str(step), "state"))
+def _refuse_other_layer_layout(manager: ocp.CheckpointManager, step: int, stored: dict, params: Any) -> None:
+  """One line saying how to go on when a run's checkpoint (`stored`: its tree) has the other
+  layer layout than the model's `params` (unrolled layer_0.. from before scanned layers, or
+  stacked `layers`)."""
   stored_params = dict(stored.get("params") or {})
-  params = getattr(abstract_state, "params", {}) or {}
   if stacking.is_unrolled(stored_params) and stacking.is_stacked(params):
     raise CheckpointError(
         f"checkpoint step {step} in {manager.directory} has unrolled layers (layer_0 ...) from before "

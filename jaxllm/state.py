@@ -116,14 +116,6 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
                abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn)
 
 
-def param_shardings_of(setup: Setup) -> Any:
-  return optim.merge_params(setup.state_shardings.params, setup.state_shardings.frozen)
-
-
-def abstract_params_of(setup: Setup) -> Any:
-  return optim.merge_params(setup.abstract_state.params, setup.abstract_state.frozen)
-
-
 def compile_steps(setup: Setup, config: Any, mesh: jax.sharding.Mesh):
   """The train step (state donated) and eval step of `setup`, jitted once with explicit shardings.
 

@@ -52,8 +52,8 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
 # recipe's; every other model key comes from the init_from directory's config.json.
-RUNTIME_MODEL_KEYS = ("dropout_rate", "init_std", "dtype", "param_dtype", "remat", "attention_impl",
-                      "matmul_impl", "scan_layers", "scan_unroll", "num_virtual_tokens")  # an adapter on the base, not the base's architecture
+# num_virtual_tokens: a prompt is an adapter on the base, not the base's architecture.
+RUNTIME_MODEL_KEYS = workdir_lib.RUNTIME_MODEL_KEYS + ("num_virtual_tokens",)
 
 
 def adopt_init_from_architecture(config: Any) -> list[str]:
@@ -77,7 +77,6 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
 class Run:
   """A started run: everything built from the config, and the state resumed or initialised."""
   config: Any
-  workdir: str
   model_cfg: Any
   mesh: jax.sharding.Mesh
   data: TaskData
@@ -111,7 +110,7 @@ def start(config: Any, workdir: str) -> Run:
     data = build_task_data(config, workdir)
     setup = make_setup(config, model_cfg, mesh)
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-    run = Run(config, workdir, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
+    run = Run(config, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
               peft.frozen_by_reference(config))
     try:
       abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)

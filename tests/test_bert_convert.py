@@ -84,17 +84,22 @@ def test_export_gives_back_every_tensor_and_loads_in_transformers(converted, tmp
     np.testing.assert_array_equal(exported[name].numpy(), tensor.numpy(), err_msg=name)
 
 
-def test_fill_mask_on_a_converted_model_ranks_as_transformers(converted, capsys):
+def fill_mask_beside_transformers(jx_dir, hf_model, tokenizer, top_k, capsys):
+  """(the `fill_mask` command's printed [token, prob, ...] fields, transformers' logits at [MASK])."""
   from jaxllm import fill_mask  # pylint: disable=import-outside-toplevel
-  model, _, jx_dir, _, _, tokenizer = converted
   text = "The river [MASK] through the city."
-  fill_mask.main(["--checkpoint", jx_dir, "--top-k", "4", text])
+  fill_mask.main(["--checkpoint", jx_dir, "--top-k", str(top_k), text])
   fields = capsys.readouterr().out.strip().splitlines()[1].split(":", 1)[1].split()
   ids = tokenizer(text, return_tensors="pt")
   with torch.no_grad():
-    logits = model(**ids).logits[0]
-  position = ids["input_ids"][0].tolist().index(tokenizer.mask_token_id)
-  probs = torch.softmax(logits[position], -1)
+    logits = hf_model(**ids).logits[0]
+  return fields, logits[ids["input_ids"][0].tolist().index(tokenizer.mask_token_id)]
+
+
+def test_fill_mask_on_a_converted_model_ranks_as_transformers(converted, capsys):
+  model, _, jx_dir, _, _, tokenizer = converted
+  fields, logits = fill_mask_beside_transformers(jx_dir, model, tokenizer, 4, capsys)
+  probs = torch.softmax(logits, -1)
   top = torch.topk(probs, 4)
   assert fields[0::2] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
   np.testing.assert_allclose([float(p) for p in fields[1::2]], top.values.numpy(), atol=1e-3)
@@ -160,16 +165,9 @@ def test_encoder_only_bert_exports_as_masked_lm_with_the_encoder_bit_for_bit(enc
   assert "pipeline_tag: fill-mask" in open(f"{out}/README.md", encoding="utf-8").read()
   assert not os.path.exists(f"{out}/generation_config.json")  # a masked LM does not generate
   # fill_mask on the imported model ranks as transformers does on the exported one.
-  from jaxllm import fill_mask  # pylint: disable=import-outside-toplevel
   tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-  text = "The river [MASK] through the city."
-  fill_mask.main(["--checkpoint", jx_dir, "--top-k", "3", text])
-  fields = capsys.readouterr().out.strip().splitlines()[1].split(":", 1)[1].split()
-  ids = tokenizer(text, return_tensors="pt")
-  with torch.no_grad():
-    logits = reloaded(**ids).logits[0]
-  position = ids["input_ids"][0].tolist().index(tokenizer.mask_token_id)
-  assert fields[0::2] == tokenizer.convert_ids_to_tokens(torch.topk(logits[position], 3).indices.tolist())
+  fields, logits = fill_mask_beside_transformers(jx_dir, reloaded, tokenizer, 3, capsys)
+  assert fields[0::2] == tokenizer.convert_ids_to_tokens(torch.topk(logits, 3).indices.tolist())
 
 
 def test_masked_lm_pretraining_continues_from_an_encoder_only_bert(encoder_only, tmp_path):
