@@ -41,11 +41,25 @@ def enabled() -> bool:
   return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
-def bar(total: int | None = None, desc: str = "", unit: str = "it"):
-  """A tqdm bar (update(n), set_postfix, close; a context manager), silent when not `enabled()`."""
+def on_terminal() -> bool:
+  """Whether a library's own bars (tokenizers', transformers') should show: they draw only on a
+  terminal (into a pipe, tokenizers prints blank lines), so only when `enabled()` there."""
+  return enabled() and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def bar(total: int | None = None, desc: str = "", unit: str = "it", disable: bool = False):
+  """A tqdm bar (update(n), set_postfix, close; a context manager), silent when not `enabled()`
+  or when `disable` (e.g. while the command streams text to the same terminal)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=1.0,
-              dynamic_ncols=True, disable=not enabled(), leave=False)
+              dynamic_ncols=True, disable=disable or not enabled(), leave=False)
+
+
+def write(text: str, file=None) -> None:
+  """Prints a line of results (stdout by default) without tearing a bar that is being drawn."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  tqdm.write(text, file=file or sys.stdout)
+  (file or sys.stdout).flush()
 
 
 def track(items: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
