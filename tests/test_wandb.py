@@ -45,12 +45,12 @@ def read_wandb_file(path: str) -> list:
   return records
 
 
-def offline_run(wandb_dir, run_id: str, index: int) -> tuple[dict, dict[int, dict]]:
-  """(config, {step: logged scalars}) of the index-th offline run directory of `run_id`."""
+def offline_run(wandb_dir, run_id: str, index: int) -> tuple[dict, dict[int, dict], list[int]]:
+  """(config, {step: logged scalars}, exit codes) of the index-th offline run directory of `run_id`."""
   paths = sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", f"offline-run-*-{run_id}")))
   assert len(paths) > index, f"no offline run directory number {index} for {run_id}: {paths}"
   path = paths[index]
-  config, history = {}, {}
+  config, history, exit_codes = {}, {}, []
   for record in read_wandb_file(os.path.join(path, f"run-{run_id}.wandb")):
     kind = record.WhichOneof("record_type")
     if kind == "run":
@@ -59,10 +59,13 @@ def offline_run(wandb_dir, run_id: str, index: int) -> tuple[dict, dict[int, dic
     elif kind == "history":
       items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
       history[items["_step"]] = {k: v for k, v in items.items() if not k.startswith("_")}
-  return config, history
+    elif kind == "exit":
+      exit_codes.append(record.exit.exit_code)
+  return config, history, exit_codes
 
 
 def test_an_offline_run_holds_the_metrics_and_config_and_a_resume_continues_it(tmp_path, monkeypatch):
+  """The run, its resume and a rerun that crashes: one W&B run id, each part finished with its status."""
   pytest.importorskip("wandb")
   monkeypatch.setenv("WANDB_MODE", "offline")
   monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -74,7 +77,8 @@ def test_an_offline_run_holds_the_metrics_and_config_and_a_resume_continues_it(t
   train.run(config, workdir)
   with open(os.path.join(workdir, "wandb.json"), encoding="utf-8") as f:
     run_id = json.load(f)["run_id"]
-  logged_config, history = offline_run(tmp_path, run_id, 0)
+  logged_config, history, exit_codes = offline_run(tmp_path, run_id, 0)
+  assert exit_codes == [0]
   assert logged_config["train"]["wandb_project"] == "jaxllm-test"
   assert logged_config["model"] == config.model.to_dict()
   records = read_records(os.path.join(workdir, "metrics.jsonl"))
@@ -89,10 +93,18 @@ def test_an_offline_run_holds_the_metrics_and_config_and_a_resume_continues_it(t
     assert json.load(f)["run_id"] == run_id
   runs = sorted(glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*")))
   assert [r.rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
-  logged_config, resumed = offline_run(tmp_path, run_id, 1)
-  assert logged_config["train"]["steps"] == 3
+  logged_config, resumed, exit_codes = offline_run(tmp_path, run_id, 1)
+  assert logged_config["train"]["steps"] == 3 and exit_codes == [0]
   assert sorted(resumed) == [3]
   assert resumed[3]["loss"] == pytest.approx(read_records(os.path.join(workdir, "metrics.jsonl"))[-1]["loss"])
+
+  def crash(*args):
+    raise RuntimeError("the loop broke")
+  monkeypatch.setattr(train, "train_loop", crash)
+  config.train.steps = 4
+  with pytest.raises(RuntimeError, match="the loop broke"):
+    train.run(config, workdir)
+  assert offline_run(tmp_path, run_id, 2)[2] == [1]  # finished as failed
 
 
 def test_without_the_wandb_package_the_run_is_refused_before_the_workdir_is_touched(tmp_path, monkeypatch):
@@ -101,3 +113,4 @@ def test_without_the_wandb_package_the_run_is_refused_before_the_workdir_is_touc
   with pytest.raises(ConfigError, match=r"pip install 'jaxllm\[wandb\]'"):
     train.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
