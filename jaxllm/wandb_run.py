@@ -80,7 +80,8 @@ class WandbRun:
       raise ConfigError(f"Weights & Biases could not start the run ({' '.join(str(e).split())}); run "
                         "`wandb login` or set WANDB_API_KEY, or set WANDB_MODE=offline to log locally "
                         "and `wandb sync` later.") from e
-    _save_id(workdir, run.id, project, entity)
+    if not getattr(run, "disabled", False):  # WANDB_MODE=disabled: a stand-in id, not a run to resume
+      _save_id(workdir, run.id, project, entity)
     return cls(run)
 
   def log(self, step: int, scalars: dict[str, Any]) -> None:
