@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import sys
+import time
 
 import pytest
 
@@ -35,6 +36,8 @@ def read_wandb_file(path: str) -> list:
     if kind == 0 and length == 0:
       pos += left
       continue
+    if pos + 7 + length > len(data):
+      break  # a record still being written
     chunk = data[pos + 7:pos + 7 + length]
     pos += 7 + length
     pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
@@ -49,9 +52,16 @@ def offline_run(wandb_dir, run_id: str, index: int) -> tuple[dict, dict[int, dic
   """(config, {step: logged scalars}, exit codes) of the index-th offline run directory of `run_id`."""
   paths = sorted(glob.glob(os.path.join(str(wandb_dir), "wandb", f"offline-run-*-{run_id}")))
   assert len(paths) > index, f"no offline run directory number {index} for {run_id}: {paths}"
-  path = paths[index]
+  file = os.path.join(paths[index], f"run-{run_id}.wandb")
+  # wandb-core writes the file in the background: finish() may return a moment before the
+  # run's last records (the exit record) land, so wait for that one.
+  deadline = time.monotonic() + 30
+  records = read_wandb_file(file)
+  while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+    time.sleep(0.1)
+    records = read_wandb_file(file)
   config, history, exit_codes = {}, {}, []
-  for record in read_wandb_file(os.path.join(path, f"run-{run_id}.wandb")):
+  for record in records:
     kind = record.WhichOneof("record_type")
     if kind == "run":
       assert record.run.run_id == run_id
