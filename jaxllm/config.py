@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
       # logits at a time (jaxllm/losses.py); 0 = all the logits at once
       loss_chunk_size=0,
       tensorboard=True, progress=True,
+      # Weights & Biases (pip install 'jaxllm[wandb]'): the metrics.jsonl scalars and this config,
+      # into one W&B run per workdir (resumed with it); empty project = off. jaxllm/wandb_run.py
+      wandb_project="", wandb_entity="",  # entity "" = the W&B account's default
+      wandb_run_name="",      # "" = the workdir's name
+      wandb_tags="",          # comma-separated, e.g. "quickstart,cpu"
       # A step with non-finite gradients (or loss) never updates the parameters; it is counted
       # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after
       # max_nonfinite_in_a_row such steps in a row (0 = never); "stop": stop at the first one.

@@ -1,4 +1,5 @@
-"""One writer for run metrics: a progress bar on the console, DIR/metrics.jsonl and TensorBoard."""
+"""One writer for run metrics: a progress bar on the console, DIR/metrics.jsonl, TensorBoard and
+Weights & Biases (`jaxllm.wandb_run`): every scalar goes to each of them at the same step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from typing import Any
 
 import jax
+
+from jaxllm import progress as progress_lib
 
 
 def perplexity(loss: float) -> float:
@@ -23,11 +26,13 @@ class MetricsWriter:
   """Writes scalars on the main process only (process 0 of a multi-host run)."""
 
   def __init__(self, workdir: str, total_steps: int, initial_step: int = 0,
-               tensorboard: bool = True, progress: bool = True):
+               tensorboard: bool = True, progress: bool = True, wandb: Any = None):
+    """`wandb`: an open `wandb_run.WandbRun` (process 0 only); `close` finishes it."""
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     self._bar = None
+    self._wandb = wandb
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -37,7 +42,9 @@ class MetricsWriter:
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    if progress:
+    # JAXLLM_PROGRESS=0 turns this bar off too; on its own it stays on stdout whether or not
+    # that is a terminal, where the quickstart's users and logs have always seen it.
+    if progress and progress_lib.setting() is not False:
       from tqdm import tqdm  # pylint: disable=import-outside-toplevel
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                        file=sys.stdout, mininterval=1.0)
@@ -52,6 +59,8 @@ class MetricsWriter:
       for k, v in clean.items():
         if isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log(step, clean)
     if self._bar is not None:
       shown = {k: clean[k] for k in ("loss", "eval_loss", "eval_ppl", "tokens_per_s") if k in clean}
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -72,13 +81,17 @@ class MetricsWriter:
     else:
       print(message, flush=True)
 
-  def close(self) -> None:
+  def close(self, exit_code: int = 0) -> None:
+    """Flushes and closes every sink; `exit_code` is the run's (W&B marks a non-zero one failed)."""
     if self._bar is not None:
       self._bar.close()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:  # last: finishing may wait on the network
+      self._wandb.finish(exit_code)
+      self._wandb = None
 
 
 def read_records(path: str) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from jaxllm import progress
 from jaxllm.cli import ArgumentParser, fail, run_command
 from jaxllm.errors import ConfigError
 
@@ -41,6 +42,19 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _fit(tok: Tokenizer, texts: Iterable[str], trainer: Any) -> None:
+  """Trains `tok` on `texts` in view of a progress bar. On a terminal that is tokenizers' own
+  (each phase, the merges too; the trainer was made with show_progress=progress.on_terminal());
+  it draws nothing elsewhere, so a bar forced on there (JAXLLM_PROGRESS=1 into a log) is ours,
+  over the documents as the trainer reads them."""
+  total = len(texts) if hasattr(texts, "__len__") else None
+  if progress.on_terminal():
+    tok.train_from_iterator(texts, trainer=trainer, length=total)
+  else:
+    tok.train_from_iterator(progress.track(texts, total, desc="tokenizer: reading documents", unit="doc"),
+                            trainer=trainer, length=total)
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (EOS_TOKEN,),
               min_frequency: int = 2, *, bos_token: str | None = None,
               pad_token: str | None = None) -> PreTrainedTokenizerFast:
@@ -57,8 +71,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, 
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                 special_tokens=specials,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
+                                show_progress=progress.on_terminal())
+  _fit(tok, texts, trainer)
   return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, unk_token=eos,
                                  pad_token=pad)
 
@@ -76,8 +90,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int = 
   specials = list(dict.fromkeys([*WORDPIECE_SPECIALS, *extra_special_tokens]))
   trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=specials, continuing_subword_prefix="##",
-                                      show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
+                                      show_progress=progress.on_terminal())
+  _fit(tok, texts, trainer)
   cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -211,7 +225,7 @@ def documents_from_args(args: argparse.Namespace) -> list[str]:
     from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
     stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.get("on_bad_record", "skip")), seed=0,
                            shuffle_files=False, repeat=False)
-    docs = iter(stream)
+    docs = progress.track(stream, desc="reading the stream", unit="doc")  # slow: over the network, say
     max_chars = args.max_chars or STREAM_DEFAULT_CHARS
   else:
     docs = load_documents(cfg)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption
+from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption, wandb_run
 from jaxllm import workdir as workdir_lib
 from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
 from jaxllm.config import validate
@@ -103,6 +103,7 @@ def start(config: Any, workdir: str) -> Run:
   (bad data, a checkpoint of another model) leaves the old run's files as they were.
   """
   model_cfg = validate(config, jax.device_count())
+  wandb_run.require_installed(config.train)
   mesh = make_mesh(config.mesh)
   workdir_lib.check_resumable(config, workdir)
   with workdir_lib.StartGuard(workdir):
@@ -141,8 +142,41 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   """
   adopted = adopt_init_from_architecture(config)
   r = start(config, workdir)
-  writer = MetricsWriter(workdir, config.train.steps, r.start_step, config.train.tensorboard,
-                         config.train.progress)
+  with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
+    tracker, writer, exit_code = None, None, 1  # 1: the exit status W&B records if anything below raises
+    try:
+      if config.train.wandb_project and jax.process_index() == 0:
+        tracker = wandb_run.WandbRun.open(config, workdir)
+      writer = MetricsWriter(workdir, config.train.steps, r.start_step, config.train.tensorboard,
+                             config.train.progress, wandb=tracker)
+      announce(r, writer, adopted)
+      state, step, last = train_loop(r, writer, watcher)
+      exit_code = 0 if step >= config.train.steps else preemption.PREEMPTED_EXIT_CODE
+    except faults.NonFiniteError:
+      exit_code = DIVERGED_EXIT_CODE
+      raise
+    finally:
+      # Saves in flight become durable whether the loop ended, was preempted or failed.
+      checkpoint.wait(r.manager)
+      r.close()
+      if writer is not None:
+        if r.data.read_so_far is not None:
+          writer.text(r.data.read_so_far())
+        writer.close(exit_code)  # finishes the W&B run too
+      elif tracker is not None:
+        tracker.finish(exit_code)
+  if jax.process_index() == 0:  # WORKDIR/loss_curve.png; a drawing error is a warning, never a failure
+    write_loss_curve_or_warn(workdir)
+  if step < config.train.steps:
+    raise preemption.Preempted(step)
+  if config.train.sample_prompt and r.data.prompt_ids is not None:
+    print_sample(r, state)
+  return last
+
+
+def announce(r: Run, writer: MetricsWriter, adopted: list[str]) -> None:
+  """The lines a run starts with: the model, the mesh, the attention kernel, the data."""
+  config = r.config
   if adopted:
     writer.text(f"model architecture from init_from={config.init_from}: {'; '.join(adopted)}")
   writer.text(f"model: {r.model_cfg.num_params() / 1e6:.2f}M parameters; mesh {dict(r.mesh.shape)}; "
@@ -156,23 +190,6 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
     writer.text(report)
   if r.data.summary:
     writer.text(r.data.summary)
-  with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
-    try:
-      state, step, last = train_loop(r, writer, watcher)
-    finally:
-      # Saves in flight become durable whether the loop ended, was preempted or failed.
-      checkpoint.wait(r.manager)
-      r.close()
-      if r.data.read_so_far is not None:
-        writer.text(r.data.read_so_far())
-      writer.close()
-  if jax.process_index() == 0:  # WORKDIR/loss_curve.png; a drawing error is a warning, never a failure
-    write_loss_curve_or_warn(workdir)
-  if step < config.train.steps:
-    raise preemption.Preempted(step)
-  if config.train.sample_prompt and r.data.prompt_ids is not None:
-    print_sample(r, state)
-  return last
 
 
 def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tuple[Any, int, dict]:

@@ -138,6 +138,26 @@ def test_cli_prompt_file_and_samples(converted, tmp_path, capsys):
   assert capsys.readouterr().out == out  # the seed reproduces
 
 
+def test_cli_batches_of_a_prompt_file_print_what_one_batch_prints_under_a_bar(converted, tmp_path, capsys,
+                                                                             monkeypatch):
+  """--batch-size splits the rows (greedy: each row's text is its solo text); the bar is on stderr."""
+  from jaxllm.generate.__main__ import main  # pylint: disable=import-outside-toplevel
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("the cat\nred trees and\nbig birds sang songs of\nold kings\n", encoding="utf-8")
+  argv = ["--checkpoint", converted("gpt2")[1], "--prompt-file", str(prompts), "--max-new-tokens", "5",
+          "--temperature", "0"]
+  capsys.readouterr()
+  monkeypatch.setenv("JAXLLM_PROGRESS", "1")
+  assert main(argv + ["--batch-size", "2"]) == 0
+  batched = capsys.readouterr()
+  monkeypatch.setenv("JAXLLM_PROGRESS", "0")
+  assert main(argv) == 0
+  whole = capsys.readouterr()
+  assert batched.out == whole.out and whole.out.count("=== prompt ") == 4
+  assert "generating" in batched.err and "0/4" in batched.err
+  assert "generating" not in whole.err
+
+
 def test_cli_errors(converted, tmp_path, capsys):
   from jaxllm.generate.__main__ import main  # pylint: disable=import-outside-toplevel
   path = converted("gpt2")[1]
@@ -148,6 +168,7 @@ def test_cli_errors(converted, tmp_path, capsys):
       (["--checkpoint", path, "--prompt", "x", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
       (["--checkpoint", path, "--prompt", "x", "--max-new-tokens", "100"], "max_seq_len=64"),
       (["--checkpoint", path, "--prompt", "x", "--mesh", "3,1,1"], "mesh"),
+      (["--checkpoint", path, "--prompt", "x", "--batch-size", "0"], "--batch-size=0"),
   ]
   capsys.readouterr()  # drop what building the fixture model printed (transformers' progress bars)
   for argv, message in cases:

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from jaxllm import checkpoint
+from jaxllm import checkpoint, progress
 import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
 from jaxllm.model_dir import load_model_dir
@@ -90,15 +90,18 @@ def write_weights(hf_dir: str, rules, params: dict, dtype: str, max_bytes: int) 
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   weight_map, total = {}, 0
-  for file, shard in zip(names, shards):
-    tensors = {}
-    for rule in shard:
-      parts = [np.asarray(jax.device_get(params[p])) for p in rule.params]
-      tensors[rule.hf] = np.ascontiguousarray(rule.to_hf(*parts).astype(np_dtype, copy=False))
-      weight_map[rule.hf] = file
-      total += tensors[rule.hf].nbytes
-    save_file(tensors, os.path.join(hf_dir, file), metadata={"format": "pt"})
-    del tensors
+  with progress.bar(len(rules), desc="to-hf: writing tensors", unit="tensor") as bar:
+    for file, shard in zip(names, shards):
+      bar.set_postfix_str(file, refresh=False)
+      tensors = {}
+      for rule in shard:
+        parts = [np.asarray(jax.device_get(params[p])) for p in rule.params]
+        tensors[rule.hf] = np.ascontiguousarray(rule.to_hf(*parts).astype(np_dtype, copy=False))
+        weight_map[rule.hf] = file
+        total += tensors[rule.hf].nbytes
+        bar.update(1)
+      save_file(tensors, os.path.join(hf_dir, file), metadata={"format": "pt"})
+      del tensors
   if len(shards) > 1:
     checkpoint.write_json(os.path.join(hf_dir, "model.safetensors.index.json"),
                           {"metadata": {"total_size": total}, "weight_map": weight_map})

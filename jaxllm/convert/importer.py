@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxllm import killpoints, model_dir
+from jaxllm import killpoints, model_dir, progress
 from jaxllm.config import default_config
 from jaxllm.convert.registry import architectures, get_architecture
 from jaxllm.convert.base import Architecture, ConvertError
@@ -134,7 +134,7 @@ def load_hf_params(hf_dir: str, arch: Architecture, model_cfg: ModelConfig,
   flat = {}
   with TensorSource(hf_dir) as source:
     names = _resolve_names(source, arch, rules, model_cfg.tie_embeddings, initialised)
-    for rule in rules:
+    for rule in progress.track(rules, desc="from-hf: reading tensors", unit="tensor"):
       name = names[rule.hf]
       tensor = initialised[name] if name in initialised else source.get(name)
       try:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxllm import progress
 from jaxllm.model_dir import load_model_dir
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
@@ -43,6 +44,8 @@ def _parse_args(argv: Sequence[str] | None):
   p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+  p.add_argument("--batch-size", type=int, default=32,
+                 help="sequences (prompts x samples) generated at once; batch i samples with seed + i")
   p.add_argument("--stop", action="append", default=[],
                  help=r"stop string (repeatable); \n and \t mean newline and tab")
   p.add_argument("--mesh", default="1,1,-1", help="DATA,FSDP,TENSOR device mesh (-1 = the rest)")
@@ -89,6 +92,8 @@ def run_cli(args) -> None:
     raise GenerationError("--checkpoint DIR is required (a training workdir or converted model).")
   if args.num_samples < 1:
     raise GenerationError(f"--num-samples={args.num_samples} must be at least 1.")
+  if args.batch_size < 1:
+    raise GenerationError(f"--batch-size={args.batch_size} must be at least 1.")
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty)
@@ -115,19 +120,28 @@ def run_cli(args) -> None:
   if streaming:
     sys.stdout.write(texts[0])
     sys.stdout.flush()
+  generator = Generator(cfg, params, mesh)
+  stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
   start = time.perf_counter()
-  completions = Generator(cfg, params, mesh).generate(
-      prompts, sampling, seed=args.seed, on_text=on_text if streaming else None,
-      stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop],
-      detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+  completions = []
+  # Batches bound the KV cache (it holds every row of a batch) and let a long --prompt-file
+  # show progress and print each batch's completions as soon as it is done.
+  with progress.bar(len(prompts), desc="generating", unit="seq", disable=streaming) as bar:
+    for first in range(0, len(prompts), args.batch_size):
+      batch = generator.generate(
+          prompts[first:first + args.batch_size], sampling, seed=args.seed + first // args.batch_size,
+          on_text=on_text if streaming else None, stop=stop,
+          detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+      if not streaming:
+        for i, c in enumerate(batch, first):
+          prompt_index, sample_index = divmod(i, args.num_samples)
+          progress.write(f"=== prompt {prompt_index} sample {sample_index} ({c.finish_reason}) ===\n"
+                         f"{texts[prompt_index] + c.text}")
+      completions += batch
+      bar.update(len(batch))
   elapsed = time.perf_counter() - start
   if streaming:
     sys.stdout.write("\n")
-  else:
-    for i, c in enumerate(completions):
-      prompt_index, sample_index = divmod(i, args.num_samples)
-      print(f"=== prompt {prompt_index} sample {sample_index} ({c.finish_reason}) ===")
-      print(texts[prompt_index] + c.text)
   num_tokens = sum(len(c.tokens) for c in completions)
   print(f"[{num_tokens} tokens in {elapsed:.2f}s including compilation; finish: "
         f"{', '.join(sorted({c.finish_reason for c in completions}))}]", file=sys.stderr)
