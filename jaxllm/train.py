@@ -231,7 +231,8 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
 def attention_line(config: Any, model_cfg: Any) -> str:
   """Which attention kernel the step runs and why (what `model.attention_impl=auto` picked)."""
   packed = config.data.get("packing", "concat") == "document" or model_cfg.family == "bert"
-  features = AttentionFeatures(segment_ids=packed, bias=model_cfg.position == "alibi",
+  features = AttentionFeatures(segment_ids=packed, prefix_lm=config.sft.prefix_lm,
+                               bias=model_cfg.position == "alibi",
                                dtype=jnp.dtype(model_cfg.compute_dtype).name, head_dim=model_cfg.head_dim)
   kernel, reason = resolve_impl(model_cfg.attention_impl, jax.default_backend(), features)
   return f"attention: {kernel} (model.attention_impl={model_cfg.attention_impl}: {reason})"

@@ -123,14 +123,15 @@ class GPT(nn.Module):
     return out.astype(jnp.float32)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               segment_ids: Array | None = None, in_prefix: Array | None = None,
                deterministic: bool = True) -> Array:
     """tokens [batch, seq] int; positions [batch, seq] (restart per packed document);
-    segment_ids [batch, seq] (documents never attend across); prefix_len [batch] (prefix-LM)."""
-    return self.head(self.features(tokens, positions, segment_ids, prefix_len, deterministic))
+    segment_ids [batch, seq] (documents never attend across); in_prefix [batch, seq] bool
+    (prefix-LM: each document's prompt, its first tokens, attends both ways)."""
+    return self.head(self.features(tokens, positions, segment_ids, in_prefix, deterministic))
 
   def features(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               segment_ids: Array | None = None, in_prefix: Array | None = None,
                deterministic: bool = True) -> Array:
     """The final-normed features [batch, seq, d_model] that the output head turns into logits
     (a chunked loss multiplies them by `output_head` piece by piece: jaxllm/losses.py)."""
@@ -145,15 +146,15 @@ class GPT(nn.Module):
            positions + num_virtual], axis=1)
       if segment_ids is not None:  # the prompt belongs to the row's first example
         segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], num_virtual, 1), segment_ids], 1)
-      if prefix_len is not None:
-        prefix_len = prefix_len + num_virtual
+      if in_prefix is not None:  # the soft prompt is prompt: it joins the first example's prefix
+        in_prefix = jnp.concatenate([jnp.ones((batch, num_virtual), bool), in_prefix.astype(bool)], 1)
       seq_len += num_virtual
     prompt = None
     if num_virtual:  # embedded like tokens (position embeddings, embed_norm), as in HF PEFT
       prompt = jnp.broadcast_to(self.prompt(jnp.arange(num_virtual)), (batch, num_virtual, cfg.d_model))
     x = self.embed_tokens(tokens, positions, prompt)
     x = self.dropout(x, deterministic=deterministic)
-    x, _ = self.run_layers(x, positions, Visibility(segment_ids, prefix_len), deterministic)
+    x, _ = self.run_layers(x, positions, Visibility(segment_ids, in_prefix), deterministic)
     x = x[:, num_virtual:]  # virtual positions predict nothing and get no loss
     return self.final_norm(x).astype(cfg.compute_dtype)
 
