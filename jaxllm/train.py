@@ -247,7 +247,7 @@ def print_sample(r: Run, state: Any) -> None:
                             top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
   killpoints.reached("sample")
   [completion] = generate(r.model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
-                          sampling, mesh=r.mesh, seed=config.train.seed)
+                          sampling, mesh=r.mesh, seed=config.train.seed, prefix_lm=config.sft.prefix_lm)
   if jax.process_index() == 0:
     print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
           "\n--------------", flush=True)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxllm.model_dir import load_model_dir
+from jaxllm.model_dir import load_model_dir, trained_prefix_lm
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
 from jaxllm.models import GPT, ModelConfig
@@ -116,7 +116,8 @@ def run_cli(args) -> None:
     sys.stdout.write(texts[0])
     sys.stdout.flush()
   start = time.perf_counter()
-  completions = Generator(cfg, params, mesh).generate(
+  # A prefix-LM's whole prompt is its prefix (an SFT model's prompt is the template's prompt part).
+  completions = Generator(cfg, params, mesh, prefix_lm=trained_prefix_lm(args.checkpoint)).generate(
       prompts, sampling, seed=args.seed, on_text=on_text if streaming else None,
       stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop],
       detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))

@@ -160,7 +160,8 @@ class GPT(nn.Module):
 
   def decode(self, tokens: Array, cache: KVCache | tuple[KVCache, ...], cache_index: Array,
              key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,
-             head: Array | None = None) -> tuple[Array, KVCache | tuple[KVCache, ...]]:
+             head: Array | None = None, bidirectional: bool = False
+             ) -> tuple[Array, KVCache | tuple[KVCache, ...]]:
     """Runs `tokens` against a preallocated KV cache (prefill: the whole prompt; then one token).
 
     tokens [batch, q_len] fill cache slots cache_index .. cache_index + q_len - 1 (after
@@ -170,7 +171,10 @@ class GPT(nn.Module):
     Returns the float32 logits of the last slot [batch, vocab] and the updated cache.
     head [d_model, vocab], if given, is the output projection laid out for this matmul
     (`output_head`): a decode loop passes it so that XLA does not transpose the tied
-    embedding again at every step. Build the model with remat="none" to call this.
+    embedding again at every step. bidirectional: the q_len new slots see each other both
+    ways (a prefix-LM's prefill: the prompt is its prefix; later steps decode causally over
+    the cache, which is what the full-sequence prefix mask computes). Build the model with
+    remat="none" to call this.
     """
     cfg = self.cfg
     q_len = tokens.shape[1] + (0 if prefix_embeddings is None else prefix_embeddings.shape[1])
@@ -178,7 +182,8 @@ class GPT(nn.Module):
     positions = jax.lax.dynamic_slice_in_dim(key_positions, cache_index, q_len, axis=1)
     x = self.embed_tokens(tokens, positions, prefix_embeddings)
     slots = cache_index + jnp.arange(q_len)
-    causal = jnp.arange(max_len)[None, :] <= slots[:, None]  # [q_len, max_len]
+    last_visible = jnp.full((q_len, 1), cache_index + q_len - 1) if bidirectional else slots[:, None]
+    causal = jnp.arange(max_len)[None, :] <= last_visible  # [q_len, max_len]
     mask = key_valid[:, None, None, :] & causal[None, None]  # [batch, 1, q_len, max_len]
     bias = alibi_bias(cfg.num_heads, positions, key_positions) if cfg.position == "alibi" else None
     x, new_cache = self.run_layers(x, positions, Visibility(slot_mask=mask, slot_bias=bias), True, cache,
