@@ -31,6 +31,7 @@ import numpy as np
 from jaxllm.data import position
 from jaxllm.data.packing import pack, tokenize
 from jaxllm.data.sources import DataError
+from jaxllm.errors import ConfigError
 
 # A function (shard_index, num_shards) -> that shard's documents as a grain IterDataset.
 DocumentsFn = Callable[[int, int], grain.IterDataset]
@@ -76,6 +77,15 @@ def shard_rows(sources: dict[str, DocumentsFn], weights: dict[str, float], spec:
   if len(rows) == 1:
     return next(iter(rows.values()))
   return grain.IterDataset.mix(rows, {name: weights[name] for name in rows})
+
+
+def num_data_shards(config: Any) -> int:
+  """Logical data shards: data.num_shards, or one per process when it is 0."""
+  num_shards = config.data.get("num_shards", 0) or jax.process_count()
+  if num_shards % jax.process_count() or config.train.batch_size % num_shards:
+    raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the {jax.process_count()} processes "
+                      f"and divide train.batch_size={config.train.batch_size}.")
+  return num_shards
 
 
 def host_shards(num_shards: int, process_index: int, process_count: int) -> range:

@@ -23,7 +23,8 @@ import grain
 import numpy as np
 
 from jaxllm.data.packing import first_fit_rows
-from jaxllm.data.pipeline import GlobalPositionIterDataset, host_batches, memory_documents, take_batches
+from jaxllm.data.pipeline import (GlobalPositionIterDataset, host_batches, memory_documents, num_data_shards,
+                                  take_batches)
 # get_template, load_records and register_template are this module's API too (recipes register templates).
 from jaxllm.data.chat import Segment, Template, get_template, load_records, normalize_record, register_template  # noqa: F401
 from jaxllm.data.sources import DataError
@@ -242,7 +243,6 @@ def _training_texts(records: Iterable[dict], template: Template) -> Iterable[str
 def build_sft_data(config: Any, workdir: str) -> SftData:
   """Tokenizer, training dataset and validation batches for `config.task == 'sft'`."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxllm.data.build import num_data_shards  # pylint: disable=import-outside-toplevel
   from jaxllm.data.tokenizers import prepare_tokenizer  # pylint: disable=import-outside-toplevel
   from jaxllm.data.sources import train_val_split  # pylint: disable=import-outside-toplevel
   d = config.data
