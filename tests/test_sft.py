@@ -293,3 +293,16 @@ def test_records_load_from_json_jsonl_and_a_saved_dataset(tmp_path):
     assert sft.load_records(path) == records
   with pytest.raises(DataError, match="no such file"):
     sft.load_records(os.path.join(tmp_path, "missing.json"))
+
+
+def test_a_prefix_lm_model_is_not_exported_to_a_causal_hf_class(tmp_path):
+  from jaxllm import checkpoint
+  from jaxllm.config import default_config
+  from jaxllm.convert import ConvertError, to_hf
+  from jaxllm.model_dir import trained_prefix_lm
+  config = default_config()
+  config.task, config.sft.prefix_lm = "sft", True
+  checkpoint.write_json(os.path.join(tmp_path, "config.json"), config.to_dict())
+  assert trained_prefix_lm(str(tmp_path))
+  with pytest.raises(ConvertError, match="sft.prefix_lm=True"):
+    to_hf(str(tmp_path), str(tmp_path / "hf"))
