@@ -10,7 +10,8 @@ from jaxllm.data import sft
 from jaxllm.data.mlm import masking_spec, mlm_dataset
 from jaxllm.data.pipeline import lm_batches, memory_documents
 from jaxllm.tokenizer import train_tokenizer
-from tests.test_data_pipeline import assert_elastic, assert_same, global_batches, random_docs, spec_for, tok  # noqa: F401
+from tests.test_data_pipeline import (assert_elastic, assert_same, global_batches, random_docs, spec_for,
+                                      tok)  # noqa: F401  (tok: a fixture)
 
 BATCH, NUM_SHARDS = 8, 2
 

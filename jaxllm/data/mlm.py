@@ -5,9 +5,11 @@ documents -> seeded global shuffle, every num_shards-th -> WordPiece ids + [SEP]
 seq_len - 2 -> [CLS] block [SEP] -> masking (seeded grain random_map per shard: resumable, its
 position is part of the iterator state) -> batch_size / num_shards rows; a host concatenates
 its shards' batches. So the global batch depends on data.num_shards, never on the process
-count, and a position resumes on any process count that divides num_shards. Masking follows BERT: 15% of the non-special tokens are chosen
-(optionally whole words), of those 80% become [MASK], 10% a random token, 10% stay; the loss
-weights are 1 exactly on the chosen positions.
+count, and a position resumes on any process count that divides num_shards.
+
+Masking follows BERT: 15% of the non-special tokens are chosen (optionally whole words), of
+those 80% become [MASK], 10% a random token, 10% stay; the loss weights are 1 exactly on the
+chosen positions.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Attention behind one function, with the kernel chosen per platform (`model.attention_impl`).
 
 The model passes integer `segment_ids` (packed documents), the causal flag, per-token
-`in_prefix` flags (prefix-LM) and positions; it never builds a dense mask. Only the `xla` reference does
-(`reference_mask`). The kernels, and what each takes (see docs/attention.md):
+`in_prefix` flags (prefix-LM) and positions; it never builds a dense mask. Only the `xla`
+reference does (`reference_mask`). The kernels, and what each takes (see docs/attention.md):
 
 | impl         | segment ids | causal / full | prefix-LM      | GQA          | bias (ALiBi) | dtypes          | decode |
 |--------------|-------------|---------------|----------------|--------------|--------------|-----------------|--------|
