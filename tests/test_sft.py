@@ -306,3 +306,20 @@ def test_a_prefix_lm_model_is_not_exported_to_a_causal_hf_class(tmp_path):
   assert trained_prefix_lm(str(tmp_path))
   with pytest.raises(ConvertError, match="sft.prefix_lm=True"):
     to_hf(str(tmp_path), str(tmp_path / "hf"))
+
+
+def test_a_run_does_not_resume_with_sft_prefix_lm_switched(tmp_path):
+  from jaxllm import checkpoint
+  from jaxllm.config import default_config
+  from jaxllm.errors import ConfigError
+  from jaxllm.workdir import check_resumable
+  config = default_config()
+  config.task = "sft"
+  saved = config.to_dict()
+  del saved["sft"]  # a run from before sft.prefix_lm existed: causal
+  checkpoint.write_json(os.path.join(tmp_path, "config.json"), saved)
+  os.makedirs(os.path.join(tmp_path, "checkpoints", "4"))
+  check_resumable(config, str(tmp_path))
+  config.sft.prefix_lm = True
+  with pytest.raises(ConfigError, match=r"sft.prefix_lm=True \(the run has False\)"):
+    check_resumable(config, str(tmp_path))
