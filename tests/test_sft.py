@@ -258,8 +258,9 @@ def test_training_on_one_example_drives_its_loss_to_zero(tokenizer):
   assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::8]
 
 
-def test_sft_through_the_training_cli(tmp_path, tiny_config):
-  """train.run with task='sft' and sft.prefix_lm on a JSONL chat+Alpaca mix: packed, evaluated, loss falls."""
+def test_sft_through_the_training_cli(tmp_path, tiny_config, capsys):
+  """train.run with task='sft' and sft.prefix_lm on a JSONL chat+Alpaca mix: packed, evaluated, loss
+  falls, and the end-of-run sample (prefilled as a prefix-LM) is printed."""
   from jaxllm import train
   records = make_records(150, seed=7)
   records[::5] = [{"messages": [{"role": "user", "content": r["instruction"]},
@@ -270,9 +271,11 @@ def test_sft_through_the_training_cli(tmp_path, tiny_config):
   config = tiny_config(tmp_path, **{"task": "sft", "data.path": path, "data.seq_len": 32,
                                     "data.packing": "document", "data.val_fraction": 0.1, "sft.prefix_lm": True,
                                     "train.steps": 12, "train.eval_every": 12, "train.log_every": 4,
-                                    "train.checkpoint_every": 12})
+                                    "train.checkpoint_every": 12, "train.sample_prompt": "list three colors",
+                                    "train.sample_tokens": 4})
   workdir = os.path.join(tmp_path, "run")
   last = train.run(config, workdir)
+  assert "--- sample ---" in capsys.readouterr().out
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]
