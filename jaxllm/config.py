@@ -97,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
       decay_embeddings=False, # also weight-decay the token/position embeddings (nanoGPT does)
   ))
 
+  # Instruction tuning (task='sft'; docs/sft.md). The data keys (template, ...) are under data.
+  c.sft = ml_collections.ConfigDict(dict(
+      prefix_lm=False))       # the prompt attends to itself both ways, the response stays causal
+
   # Masked-LM (task='mlm'): BERT masking, done in the input pipeline (jaxllm/data/mlm.py).
   c.mlm = ml_collections.ConfigDict(dict(
       probability=0.15,       # share of non-special tokens chosen for the loss
@@ -144,6 +148,13 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
                       f"model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len.")
   if config.train.get("prompt_init_text", "") and not num_virtual:
     raise ConfigError("train.prompt_init_text is set but model.num_virtual_tokens=0; set it (e.g. 20).")
+  if config.sft.prefix_lm:
+    if config.task != "sft":
+      raise ConfigError(f"sft.prefix_lm=True needs task='sft' (the prefix is each instruction's prompt); "
+                        f"task is {config.task!r}.")
+    if config.data.train_on_prompt:
+      raise ConfigError("sft.prefix_lm=True with data.train_on_prompt=True: the prompt attends both ways, so "
+                        "each prompt token would see the token it is trained to predict; turn one off.")
   faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:

@@ -70,6 +70,13 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   return model_cfg, params, tokenizer
 
 
+def trained_prefix_lm(path: str) -> bool:
+  """Whether the model in `path` was trained as a prefix-LM (`sft.prefix_lm`): its prompts are
+  then prefilled with bidirectional attention. Configs written before the key read as False."""
+  run_config = checkpoint.read_run_config(path)
+  return run_config.get("task") == "sft" and bool(run_config.get("sft", {}).get("prefix_lm", False))
+
+
 def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = None, step: int = 0) -> None:
   """Writes a model directory (see above) that `load_model_dir` and `init_from` read."""
   os.makedirs(path, exist_ok=True)

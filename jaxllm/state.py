@@ -41,7 +41,7 @@ def lm_apply_fn(model: nn.Module):
   """The causal-LM forward used by the train/eval steps."""
   def apply_fn(params, batch: Batch, rng: jax.Array, deterministic: bool) -> jax.Array:
     return model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                       segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
+                       segment_ids=batch.get("segment_ids"), in_prefix=batch.get("in_prefix"),
                        deterministic=deterministic, rngs={"dropout": rng})
   return apply_fn
 
@@ -50,7 +50,7 @@ def chunked_lm_loss(model: nn.Module, chunk_size: int) -> LossFn:
   """The causal-LM loss from the model's features, `chunk_size` positions of logits at a time."""
   def loss_fn(params, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     features = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                           segment_ids=batch.get("segment_ids"), prefix_len=batch.get("prefix_len"),
+                           segment_ids=batch.get("segment_ids"), in_prefix=batch.get("in_prefix"),
                            deterministic=False, rngs={"dropout": rng}, method=GPT.features)
     return chunked_cross_entropy(features, output_head(params, model.cfg), batch["targets"],
                                  batch["weights"], chunk_size)

@@ -1,7 +1,7 @@
 """Pure train and eval steps: (state, batch, rng) -> (state, metrics).
 
 Batches are dicts of arrays: `inputs`, `targets`, `weights` [batch, seq] and,
-when present, `positions`, `segment_ids` [batch, seq] and `prefix_len` [batch].
+when present, `positions`, `segment_ids` and `in_prefix` (prefix-LM) [batch, seq].
 The loss is the weight-averaged token cross-entropy, so packed pretraining,
 padding and prompt masking (weight 0) all go through the same function.
 """

@@ -248,7 +248,8 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
 def attention_line(config: Any, model_cfg: Any) -> str:
   """Which attention kernel the step runs and why (what `model.attention_impl=auto` picked)."""
   packed = config.data.get("packing", "concat") == "document" or model_cfg.family == "bert"
-  features = AttentionFeatures(segment_ids=packed, bias=model_cfg.position == "alibi",
+  features = AttentionFeatures(segment_ids=packed, prefix_lm=config.sft.prefix_lm,
+                               bias=model_cfg.position == "alibi",
                                dtype=jnp.dtype(model_cfg.compute_dtype).name, head_dim=model_cfg.head_dim)
   kernel, reason = resolve_impl(model_cfg.attention_impl, jax.default_backend(), features)
   return f"attention: {kernel} (model.attention_impl={model_cfg.attention_impl}: {reason})"
@@ -263,7 +264,7 @@ def print_sample(r: Run, state: Any) -> None:
                             top_k=config.train.sample_top_k, eos_id=tokenizer.eos_token_id)
   killpoints.reached("sample")
   [completion] = generate(r.model_cfg, merge_params(state.params, state.frozen), [prompt_ids],
-                          sampling, mesh=r.mesh, seed=config.train.seed)
+                          sampling, mesh=r.mesh, seed=config.train.seed, prefix_lm=config.sft.prefix_lm)
   if jax.process_index() == 0:
     print("\n--- sample ---\n" + tokenizer.decode(prompt_ids) + tokenizer.decode(completion.tokens) +
           "\n--------------", flush=True)

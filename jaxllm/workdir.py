@@ -68,6 +68,9 @@ def check_resumable(config: Any, workdir: str) -> None:
   saved_model, new_model = saved.get("model", {}), new.get("model", {})
   changed += _changes(saved_model, new_model, [k for k in new_model if k not in RUNTIME_MODEL_KEYS], "model")
   changed += _changes(saved.get("data", {}), new.get("data", {}), STREAM_DATA_KEYS, "data")
+  # Prefix-LM changes what attention sees, so what the checkpoint's weights were trained for;
+  # a run saved before the key existed was causal.
+  changed += _changes(saved.get("sft", {"prefix_lm": False}), new.get("sft", {}), ("prefix_lm",), "sft")
   if saved.get("init_from", "") != new.get("init_from", "") and saved.get("train", {}).get("trainable"):
     changed.append(f"init_from={new.get('init_from')!r} (the run has {saved.get('init_from')!r})")
   if changed:

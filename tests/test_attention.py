@@ -73,20 +73,38 @@ def naive_attention(q, k, v, allowed, bias=None):
   return np.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def hand_mask(segment_ids, prefix_len=None, causal=True) -> np.ndarray:
-  """Token i sees token j of its own segment if j <= i, or if both lie in the prefix."""
+def hand_mask(segment_ids, in_prefix=None, causal=True) -> np.ndarray:
+  """Per example: its prompt block (in_prefix) sees itself both ways, the rest is causal, and
+  no token sees another segment."""
   batch, seq = segment_ids.shape
   allowed = np.zeros((batch, seq, seq), bool)
   for b in range(batch):
-    p = 0 if prefix_len is None else int(prefix_len[b])
     for i in range(seq):
       for j in range(seq):
-        visible = (not causal) or j <= i or (i < p and j < p)
+        both_in_prompt = in_prefix is not None and in_prefix[b, i] and in_prefix[b, j]
+        visible = (not causal) or j <= i or both_in_prompt
         allowed[b, i, j] = visible and segment_ids[b, i] == segment_ids[b, j]
   return allowed
 
 
-PREFIX = np.array([40, 0, 17, 128], np.int32)
+PREFIX = np.array([40, 0, 17, 128], np.int32)  # one document per row: the first PREFIX tokens
+
+
+def row_prefixes(seq: int) -> np.ndarray:
+  """in_prefix [4, seq] of unpacked rows: the first PREFIX[b] tokens (none, and all, included)."""
+  return np.arange(seq)[None, :] < PREFIX[:, None]
+
+
+def segment_prefixes(segment_ids: np.ndarray) -> np.ndarray:
+  """in_prefix of packed rows, as the SFT pipeline lays it out: each document's first third
+  (at least one token) is its prompt; padding (id 0) has none."""
+  in_prefix = np.zeros(segment_ids.shape, bool)
+  for b, row in enumerate(segment_ids):
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(row)]):
+      if row[start] != 0:
+        in_prefix[b, start:start + max(1, (end - start) // 3)] = True
+  return in_prefix
 
 
 @pytest.mark.parametrize("causal,prefix,alibi", [(True, False, False), (True, True, False),
@@ -94,13 +112,13 @@ PREFIX = np.array([40, 0, 17, 128], np.int32)
 def test_xla_matches_hand_built_mask(causal, prefix, alibi):
   seq = 128
   segment_ids = packed_segments(seq)
-  prefix_len = PREFIX if prefix else None
+  in_prefix = segment_prefixes(segment_ids) if prefix else None
   q, k, v, _ = qkv(seq, heads=4, kv_heads=2)
   positions = np.concatenate([np.arange(seq)[None]] * 4)
   bias = attn.alibi_bias(4, jnp.asarray(positions), jnp.asarray(positions)) if alibi else None
-  want = naive_attention(q, k, v, hand_mask(segment_ids, prefix_len, causal), bias)
+  want = naive_attention(q, k, v, hand_mask(segment_ids, in_prefix, causal), bias)
   got = attention(q, k, v, segment_ids=jnp.asarray(segment_ids), causal=causal,
-                  prefix_len=None if prefix_len is None else jnp.asarray(prefix_len),
+                  in_prefix=None if in_prefix is None else jnp.asarray(in_prefix),
                   alibi=alibi, positions=jnp.asarray(positions), impl="xla")
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
 
@@ -120,8 +138,10 @@ CASES = [("packed_gqa", 128, 4, 2, True, True, False),
 def test_kernel_matches_xla(impl, case, dtype):
   _, seq, heads, kv_heads, packed, causal, prefix = case
   q, k, v, cotangent = qkv(seq, heads, kv_heads)
-  kwargs = dict(segment_ids=jnp.asarray(packed_segments(seq)) if packed else None, causal=causal,
-                prefix_len=jnp.asarray(PREFIX) if prefix else None)
+  segment_ids = packed_segments(seq) if packed else None
+  in_prefix = (segment_prefixes(segment_ids) if packed else row_prefixes(seq)) if prefix else None
+  kwargs = dict(segment_ids=None if segment_ids is None else jnp.asarray(segment_ids), causal=causal,
+                in_prefix=None if in_prefix is None else jnp.asarray(in_prefix))
   ref = value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kwargs), q, k, v, cotangent)
   cast = lambda x: x.astype(dtype)  # noqa: E731
   got = value_and_grads(lambda q, k, v: attention(q, k, v, impl=impl, **kwargs),
@@ -139,8 +159,8 @@ def test_documents_do_not_see_each_other(impl, prefix):
   seq = 128
   segment_ids = packed_segments(seq)
   q, k, v, _ = qkv(seq, heads=4, kv_heads=2)
-  kwargs = dict(segment_ids=jnp.asarray(segment_ids), prefix_len=jnp.asarray(PREFIX) if prefix else None,
-                impl=impl)
+  kwargs = dict(segment_ids=jnp.asarray(segment_ids),
+                in_prefix=jnp.asarray(segment_prefixes(segment_ids)) if prefix else None, impl=impl)
   # Row 2 holds documents 1 and 2 and a padding tail; perturb its document 2.
   doc = jnp.asarray((segment_ids == 2) & (np.arange(4) == 2)[:, None])[:, :, None, None]
   noise = jax.random.normal(jax.random.key(9), q.shape)
@@ -159,7 +179,8 @@ def test_sharded_kernel_matches_xla(impl, kv_heads):
   mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), MESH_AXES)
   seq = 128
   q, k, v, cotangent = qkv(seq, heads=4, kv_heads=kv_heads)
-  kwargs = dict(segment_ids=jnp.asarray(packed_segments(seq)), prefix_len=jnp.asarray(PREFIX))
+  segment_ids = packed_segments(seq)
+  kwargs = dict(segment_ids=jnp.asarray(segment_ids), in_prefix=jnp.asarray(segment_prefixes(segment_ids)))
   ref = value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kwargs), q, k, v, cotangent)
   sharded = jax.jit(lambda q, k, v: attention(q, k, v, impl=impl, mesh=mesh, **kwargs))
   got = value_and_grads(sharded, q, k, v, cotangent)
@@ -186,9 +207,9 @@ def test_cudnn_prefix_lm_decomposition(monkeypatch):
   monkeypatch.setattr(jax.nn, "dot_product_attention",
                       lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw))
   q, k, v, _ = qkv(128, heads=4, kv_heads=2)
-  prefix_len = jnp.asarray(PREFIX)
-  want = attention(q, k, v, prefix_len=prefix_len, impl="xla")
-  np.testing.assert_allclose(attn._cudnn(q, k, v, True, prefix_len, None), want, atol=1e-5)
+  in_prefix = jnp.asarray(row_prefixes(128))
+  want = attention(q, k, v, in_prefix=in_prefix, impl="xla")
+  np.testing.assert_allclose(attn._cudnn(q, k, v, True, in_prefix, None), want, atol=1e-5)
 
 
 GPU_BF16 = AttentionFeatures(dtype="bfloat16", head_dim=64)

@@ -296,13 +296,15 @@ def test_windows_and_instruction_tuning_positions_resume_on_another_process_coun
               for n in rng.integers(3, 30, 80)]
   # Padded: the width comes from the global batch, whatever the process count. (Each iterator's
   # read-ahead threads cost a while here, so fewer changes.)
-  assert_elastic(lambda h, n: sft.sft_dataset(examples, 8, seq_len=32, bucket_batches=2, shard_index=h,
-                                              shard_count=n), changes=((2, 1), (1, 2)))
+  assert_elastic(lambda h, n: sft.sft_dataset(examples, 8, seq_len=32, bucket_batches=2, process_index=h,
+                                              process_count=n), changes=((2, 1), (1, 2)))
 
 
 def test_a_per_process_position_refuses_another_process_count(tok):
   make = memory_documents(random_docs(60), seed=0)
-  hosts = [iter(make(h, 2)) for h in range(2)]  # a pipeline that deals documents to processes (masked-LM)
+  # A pipeline that deals documents to processes, as masked-LM did before logical shards: its
+  # checkpoints hold one position per process.
+  hosts = [iter(make(h, 2)) for h in range(2)]
   take(hosts[0], 3), take(hosts[1], 5)
   saved = job_position(hosts)
   for h in range(2):  # the same process count: each takes its own

@@ -82,6 +82,36 @@ def test_prefix_embeddings_act_as_prompt_tokens():
   np.testing.assert_allclose(logits[0], full, atol=1e-4, rtol=1e-4)
 
 
+def test_prefix_lm_prefill_matches_the_full_forward_with_the_prefix_mask():
+  """A prefix-LM model (sft.prefix_lm): on a left-padded batch, the first-step logits (prefill,
+  the prompt bidirectional) and every later step's (causal over the cache) equal the full
+  forward of each row alone with in_prefix over its prompt; greedy generate follows them."""
+  cfg = tiny(**POSITIONS["rotary_gqa"])
+  model, params = GPT(cfg), init_params(cfg, seed=2)
+  prompts = [[5, 17, 3, 40, 22], [9, 8, 7, 6, 5, 4, 3, 2, 1, 60, 11]]
+  steps = 4
+  completions = Generator(cfg, params, prefix_lm=True).generate(prompts, SamplingConfig(max_new_tokens=steps))
+  forward = jax.jit(lambda tokens, in_prefix: model.apply({"params": params}, tokens, in_prefix=in_prefix))
+  prompt, key_positions, key_valid = layout(prompts, 0, steps)
+  decode = jax.jit(lambda tokens, cache, index, bidirectional: model.apply(
+      {"params": params}, tokens, cache, index, key_positions, key_valid, bidirectional=bidirectional,
+      method=GPT.decode), static_argnums=3)
+  logits, cache = decode(prompt, init_cache(cfg, 2, key_positions.shape[1]), jnp.int32(0), True)
+  cached = [logits]
+  generated = np.asarray([c.tokens for c in completions], np.int32)
+  for t in range(steps - 1):
+    logits, cache = decode(generated[:, t:t + 1], cache, jnp.int32(prompt.shape[1] + t), False)
+    cached.append(logits)
+  for row, p in enumerate(prompts):
+    tokens = np.asarray([p + generated[row].tolist()], np.int32)
+    in_prefix = np.arange(tokens.shape[1])[None] < len(p)
+    full = np.asarray(forward(tokens, in_prefix))[0, len(p) - 1:len(p) - 1 + steps]
+    np.testing.assert_allclose(np.stack([np.asarray(c[row]) for c in cached]), full, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(generated[row], full.argmax(-1))  # greedy follows these logits
+    causal = np.asarray(forward(tokens, None))[0, len(p) - 1]
+    assert np.abs(causal - full[0]).max() > 1e-3, "the prefix mask should change the first step"
+
+
 @pytest.fixture(scope="module")
 def alibi_generator():
   cfg = tiny(**POSITIONS["alibi"])

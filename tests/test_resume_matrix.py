@@ -48,7 +48,10 @@ CASES = {
     "windows-prefetch": {"data.packing": "windows", "data.prefetch": 2},
     "sft-padded": {**SFT, "data.packing": "concat"},
     "sft-packed": {**SFT, "data.packing": "document"},
+    "sft-packed-prefix_lm-num_shards": {**SFT, "data.packing": "document", "sft.prefix_lm": True,
+                                        "data.num_shards": 2},
     "mlm": MLM,
+    "mlm-num_shards": {**MLM, "data.num_shards": 2},
 }
 FRESH_PROCESS = {"num_shards-mixture-stream": 5, "windows-prefetch": 3, "sft-packed": 4, "mlm": 9}
 

@@ -108,60 +108,111 @@ def test_bad_records_and_template_get_one_clear_error(tokenizer):
     sft.get_template("nope")
 
 
-def _per_example_loss(model, params, batch, example_of):
-  """Summed weighted loss per example id; example_of maps each (row, position) to an id or -1."""
+def _per_example_loss(model, params, batch):
+  """Summed weighted loss per example, keyed by the example's inputs up to its last weighted
+  one (a packed segment, or a padded row up to its padding)."""
   logits = jax.jit(model.apply)({"params": params}, batch["inputs"], positions=batch.get("positions"),
-                                segment_ids=batch.get("segment_ids"))
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["weights"]
-  losses = np.asarray(losses)
-  return {i: float(losses[example_of == i].sum()) for i in np.unique(example_of) if i >= 0}
+                                segment_ids=batch.get("segment_ids"), in_prefix=batch.get("in_prefix"))
+  losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]) * batch["weights"])
+  segment_ids = batch.get("segment_ids", np.ones(batch["inputs"].shape, np.int32))
+  out = {}
+  for row, segments in enumerate(segment_ids):
+    for seg in np.unique(segments[segments > 0]):
+      where = np.flatnonzero(segments == seg)
+      where = where[:np.flatnonzero(batch["weights"][row, where])[-1] + 1]
+      out[tuple(batch["inputs"][row, where])] = float(losses[row, where].sum())
+  return out
 
 
-def test_padded_and_packed_batches_give_the_same_loss_per_example(tokenizer):
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_padded_and_packed_batches_give_the_same_loss_per_example(tokenizer, prefix_lm):
+  """Padded rows and rows packed by grain's first-fit packer (several examples per row) give
+  each example the same loss, with and without the prefix-LM mask."""
   template = sft.get_template("alpaca")
   examples = [sft.encode_record(r, template, tokenizer, 64) for r in make_records(12, seed=1)]
-  lengths = [len(e.tokens) - 1 for e in examples]
   cfg = ModelConfig(vocab_size=320, d_model=32, num_layers=1, num_heads=2, max_seq_len=128,
                     position="rotary")
   model = GPT(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-
-  padded_plans = sft.plan_padded(lengths, 4, seed=3, bucket_batches=8)
-  packed_plans = sft.plan_packed(lengths, 2, 128, seed=3)
-  padded, packed = {}, {}
-  for plan in padded_plans:
-    batch = sft.collate_fn(examples, packing=False, seq_len=128, pad_multiple=16)(plan)
-    assert batch["inputs"].shape[1] % 16 == 0
-    example_of = np.full(batch["inputs"].shape, -1)
-    for row, (i,) in enumerate(plan):
-      example_of[row, :lengths[i]] = i
-    padded.update(_per_example_loss(model, params, batch, example_of))
-  for plan in packed_plans:
-    batch = sft.collate_fn(examples, packing=True, seq_len=128, pad_multiple=16)(plan)
-    example_of = np.full(batch["inputs"].shape, -1)
-    for row, ids in enumerate(plan):
-      for seg, i in enumerate(ids, 1):
-        example_of[row][batch["segment_ids"][row] == seg] = i
-    packed.update(_per_example_loss(model, params, batch, example_of))
-  assert len(padded_plans) == 3 and any(len(row) > 1 for plan in packed_plans for row in plan)
-  common = sorted(set(padded) & set(packed))
+  padded = sft.sft_dataset(examples, 4, seq_len=128, pad_multiple=16, bucket_batches=8, prefix_lm=prefix_lm,
+                           seed=3, repeat=False)
+  packed = sft.sft_dataset(examples, 2, seq_len=128, packing=True, prefix_lm=prefix_lm, pack_bins=4, seed=3,
+                           repeat=False)
+  padded_losses, packed_losses, rows = {}, {}, []
+  for batch in padded:
+    assert batch["inputs"].shape[1] % 16 == 0 and ("in_prefix" in batch) == prefix_lm
+    padded_losses.update(_per_example_loss(model, params, batch))
+  for batch in packed:
+    rows += list(batch["segment_ids"])
+    packed_losses.update(_per_example_loss(model, params, batch))
+  assert len(padded_losses) == 12 and any(row.max() > 1 for row in rows)
+  common = sorted(set(padded_losses) & set(packed_losses))
   assert len(common) >= 8
-  np.testing.assert_allclose([packed[i] for i in common], [padded[i] for i in common], rtol=2e-5)
+  np.testing.assert_allclose([packed_losses[i] for i in common], [padded_losses[i] for i in common], rtol=2e-5)
 
 
-def test_plans_bucket_by_length_and_pack_within_seq_len():
+def test_padded_plans_bucket_by_length():
   rng = np.random.default_rng(0)
   lengths = [int(x) for x in rng.integers(5, 60, 200)]
   padded = sft.plan_padded(lengths, 8, seed=1, bucket_batches=5)
   assert len(padded) == 25
   spread = np.mean([max(lengths[r[0]] for r in p) - min(lengths[r[0]] for r in p) for p in padded])
   assert spread < 10  # similar lengths together: little padding
-  packed = sft.plan_packed(lengths, 4, 64, seed=1)
-  rows = [row for plan in packed for row in plan]
-  assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
-  used = [i for row in rows for i in row]
-  assert len(used) == len(set(used)) and len(used) > 180  # each at most once; few left over
-  assert np.mean([sum(lengths[i] for i in row) for row in rows]) > 0.85 * 64
+
+
+def test_packed_rows_fill_seq_len_and_keep_every_feature_aligned():
+  """grain's first-fit packer over examples: each at most once per epoch, rows within seq_len
+  and mostly full, and each example's weights, prefix flags and positions at its tokens."""
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(6, 61, 200)
+  # Example i's tokens are all i, so every packed token names its example.
+  examples = [sft.Encoded(np.full(n, i, np.int32), (np.arange(n) >= n // 3).astype(np.float32),
+                          prefix_len=int(n // 3)) for i, n in enumerate(lengths)]
+  rows = list(sft.packed_rows(examples, 64, prefix_lm=True, pack_bins=64, seed=1, repeat=False))
+  seen = []
+  for row in rows:
+    for seg in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+      where = np.flatnonzero(row["segment_ids"] == seg)
+      i = int(row["inputs"][where[0]])
+      ex = examples[i]
+      seen.append(i)
+      np.testing.assert_array_equal(row["inputs"][where], ex.tokens[:-1])
+      np.testing.assert_array_equal(row["positions"][where], np.arange(len(ex.tokens) - 1))
+      np.testing.assert_array_equal(row["weights"][where], ex.weights[1:])
+      np.testing.assert_array_equal(row["in_prefix"][where], np.arange(len(ex.tokens) - 1) < ex.prefix_len)
+    padding = row["segment_ids"] == 0
+    assert not row["weights"][padding].any() and not row["in_prefix"][padding].any()
+  assert len(seen) == len(set(seen)) == 200  # every example exactly once in the epoch
+  assert np.mean([np.sum(row["segment_ids"] > 0) for row in rows]) > 0.85 * 64
+
+
+def test_in_prefix_is_the_prompt_and_gives_the_hand_built_mask(tokenizer):
+  """The pipeline's in_prefix marks exactly each example's prompt (its weight-0 head), padded and
+  packed; the xla reference builds from it the mask written out by hand: per example, the
+  prompt block sees itself both ways, the response is causal, nothing crosses examples."""
+  from jaxllm.models.attention import reference_mask
+  template = sft.get_template("alpaca")
+  examples = [sft.encode_record(r, template, tokenizer, 48) for r in make_records(16, seed=4)]
+  for ex in examples:
+    assert ex.prefix_len == np.flatnonzero(ex.weights)[0]  # the prompt ends where the loss starts
+  for packing in (False, True):
+    batch = next(iter(sft.sft_dataset(examples, 4, seq_len=48, packing=packing, prefix_lm=True, pack_bins=4)))
+    segment_ids = batch.get("segment_ids", np.ones_like(batch["inputs"]))
+    seq = segment_ids.shape[1]
+    want = np.zeros((4, seq, seq), bool)
+    for b in range(4):
+      for i in range(seq):
+        for j in range(seq):
+          prompt_block = batch["in_prefix"][b, i] and batch["in_prefix"][b, j]
+          want[b, i, j] = segment_ids[b, i] == segment_ids[b, j] and (j <= i or prompt_block)
+      # in_prefix is each example's head of weight 0 (the weight of input i is that of target i)
+      for seg in np.unique(segment_ids[b][segment_ids[b] > 0]):
+        where = np.flatnonzero(segment_ids[b] == seg)
+        first_weighted = where[0] + np.flatnonzero(batch["weights"][b, where])[0]
+        np.testing.assert_array_equal(batch["in_prefix"][b, where], where < first_weighted + 1)
+    got = reference_mask(seq, jnp.asarray(segment_ids) if packing else None, jnp.asarray(batch["in_prefix"]),
+                         batch=4)
+    np.testing.assert_array_equal(np.asarray(got)[:, 0], want, err_msg=f"packing={packing}")
 
 
 def test_dataset_resumes_exactly(tokenizer):
@@ -182,12 +233,14 @@ def test_dataset_resumes_exactly(tokenizer):
 
 
 def test_training_on_one_example_drives_its_loss_to_zero(tokenizer):
+  """A padded prefix-LM batch (the prompt attends both ways) through the real train step."""
   from jaxllm.config import default_config
   from jaxllm.optim import build_optimizer
   from jaxllm.state import lm_apply_fn
   from jaxllm.step import TrainState, train_step
   ex = sft.encode_record(make_records(1, seed=5)[0], sft.get_template("alpaca"), tokenizer, 64)
-  batch = {k: jnp.asarray(v) for k, v in sft.padded_batch([ex] * 2, 64).items()}
+  batch = {k: jnp.asarray(v) for k, v in sft.padded_batch([ex] * 2, 64, prefix_lm=True).items()}
+  assert batch["in_prefix"][0, :ex.prefix_len].all() and not batch["in_prefix"][0, ex.prefix_len:].any()
   model = GPT(ModelConfig(vocab_size=320, d_model=32, num_layers=1, num_heads=2, max_seq_len=64))
   params = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])["params"]
   optim_cfg = default_config().optim
@@ -205,8 +258,9 @@ def test_training_on_one_example_drives_its_loss_to_zero(tokenizer):
   assert losses[0] > 3.0 and losses[-1] < 0.05, losses[::8]
 
 
-def test_sft_through_the_training_cli(tmp_path, tiny_config):
-  """train.run with task='sft' on a JSONL chat+Alpaca mix: packed, evaluated, loss falls."""
+def test_sft_through_the_training_cli(tmp_path, tiny_config, capsys):
+  """train.run with task='sft' and sft.prefix_lm on a JSONL chat+Alpaca mix: packed, evaluated, loss
+  falls, and the end-of-run sample (prefilled as a prefix-LM) is printed."""
   from jaxllm import train
   records = make_records(150, seed=7)
   records[::5] = [{"messages": [{"role": "user", "content": r["instruction"]},
@@ -215,11 +269,13 @@ def test_sft_through_the_training_cli(tmp_path, tiny_config):
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
   config = tiny_config(tmp_path, **{"task": "sft", "data.path": path, "data.seq_len": 32,
-                                    "data.packing": "document", "data.val_fraction": 0.1,
+                                    "data.packing": "document", "data.val_fraction": 0.1, "sft.prefix_lm": True,
                                     "train.steps": 12, "train.eval_every": 12, "train.log_every": 4,
-                                    "train.checkpoint_every": 12})
+                                    "train.checkpoint_every": 12, "train.sample_prompt": "list three colors",
+                                    "train.sample_tokens": 4})
   workdir = os.path.join(tmp_path, "run")
   last = train.run(config, workdir)
+  assert "--- sample ---" in capsys.readouterr().out
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
   losses = [r["loss"] for r in rows if "loss" in r]
@@ -240,3 +296,33 @@ def test_records_load_from_json_jsonl_and_a_saved_dataset(tmp_path):
     assert sft.load_records(path) == records
   with pytest.raises(DataError, match="no such file"):
     sft.load_records(os.path.join(tmp_path, "missing.json"))
+
+
+def test_a_prefix_lm_model_is_not_exported_to_a_causal_hf_class(tmp_path):
+  from jaxllm import checkpoint
+  from jaxllm.config import default_config
+  from jaxllm.convert import ConvertError, to_hf
+  from jaxllm.model_dir import trained_prefix_lm
+  config = default_config()
+  config.task, config.sft.prefix_lm = "sft", True
+  checkpoint.write_json(os.path.join(tmp_path, "config.json"), config.to_dict())
+  assert trained_prefix_lm(str(tmp_path))
+  with pytest.raises(ConvertError, match="sft.prefix_lm=True"):
+    to_hf(str(tmp_path), str(tmp_path / "hf"))
+
+
+def test_a_run_does_not_resume_with_sft_prefix_lm_switched(tmp_path):
+  from jaxllm import checkpoint
+  from jaxllm.config import default_config
+  from jaxllm.errors import ConfigError
+  from jaxllm.workdir import check_resumable
+  config = default_config()
+  config.task = "sft"
+  saved = config.to_dict()
+  del saved["sft"]  # a run from before sft.prefix_lm existed: causal
+  checkpoint.write_json(os.path.join(tmp_path, "config.json"), saved)
+  os.makedirs(os.path.join(tmp_path, "checkpoints", "4"))
+  check_resumable(config, str(tmp_path))
+  config.sft.prefix_lm = True
+  with pytest.raises(ConfigError, match=r"sft.prefix_lm=True \(the run has False\)"):
+    check_resumable(config, str(tmp_path))

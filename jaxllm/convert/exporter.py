@@ -22,7 +22,7 @@ from flax import traverse_util
 from jaxllm import checkpoint, progress
 import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
-from jaxllm.model_dir import load_model_dir
+from jaxllm.model_dir import load_model_dir, trained_prefix_lm
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
 from jaxllm.models import ModelConfig, stacking
@@ -120,6 +120,10 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"{model_dir}: no such directory; give a jaxllm workdir or converted model directory.")
   run_config = checkpoint.read_run_config(model_dir)
+  if trained_prefix_lm(model_dir):
+    raise ConvertError(f"{model_dir} was trained with sft.prefix_lm=True (its prompt attends both ways); "
+                       "Hugging Face's causal classes would run it causally and answer differently. Generate "
+                       "with `python -m jaxllm.generate`, which prefills the prompt as it was trained.")
   model_cfg = ModelConfig.from_config(run_config["model"])
   arch = pick_architecture(model_cfg)
   mesh = mesh or default_mesh()

@@ -16,7 +16,7 @@ import ml_collections
 
 from jaxllm.config import ConfigError
 from jaxllm.data.packing import PACKING_MODES
-from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, take_batches
+from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, num_data_shards, take_batches
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, DataStats, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
@@ -128,15 +128,6 @@ class _Source:
     if not docs:
       raise self.stats.nothing_error(f"stream {self.spec.name!r}")
     return docs
-
-
-def num_data_shards(config: Any) -> int:
-  """Logical data shards: data.num_shards, or one per process when it is 0."""
-  num_shards = config.data.get("num_shards", 0) or jax.process_count()
-  if num_shards % jax.process_count() or config.train.batch_size % num_shards:
-    raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the {jax.process_count()} processes "
-                      f"and divide train.batch_size={config.train.batch_size}.")
-  return num_shards
 
 
 def check_data_config(data: Any) -> None:

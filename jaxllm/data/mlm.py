@@ -1,10 +1,15 @@
 """Masked-LM data: BERT masking and the grain pipeline that feeds it.
 
-documents -> shuffle -> this host's share -> WordPiece ids + [SEP] -> blocks of seq_len - 2
--> [CLS] block [SEP] -> masking (seeded grain random_map: resumable, its position is part of the
-iterator state) -> batches. Masking follows BERT: 15% of the non-special tokens are chosen
-(optionally whole words), of those 80% become [MASK], 10% a random token, 10% stay; the loss
-weights are 1 exactly on the chosen positions.
+Per logical data shard (the LM pipeline's host-sharding scheme, `pipeline.host_batches`):
+documents -> seeded global shuffle, every num_shards-th -> WordPiece ids + [SEP] -> blocks of
+seq_len - 2 -> [CLS] block [SEP] -> masking (seeded grain random_map per shard: resumable, its
+position is part of the iterator state) -> batch_size / num_shards rows; a host concatenates
+its shards' batches. So the global batch depends on data.num_shards, never on the process
+count, and a position resumes on any process count that divides num_shards.
+
+Masking follows BERT: 15% of the non-special tokens are chosen (optionally whole words), of
+those 80% become [MASK], 10% a random token, 10% stay; the loss weights are 1 exactly on the
+chosen positions.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ConfigError
-from jaxllm.data.pipeline import memory_documents, take_batches, tokenize
+from jaxllm.data.pipeline import host_batches, memory_documents, num_data_shards, take_batches, tokenize
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, train_val_split
 from jaxllm.data.tokenizers import prepare_tokenizer
@@ -106,10 +111,11 @@ def _block_fn(cls_id: int, sep_id: int, pad_id: int):
 
 
 def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int, batch_size: int, *,
-                seed: int, mask_seed: int, shuffle: bool = True, repeat: bool = True,
-                shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-  """Batches of masked `[CLS] ... [SEP]` blocks of `seq_len` tokens, documents separated by [SEP]:
-  inputs, targets, weights, segment_ids [batch_size, seq_len]."""
+                seed: int, mask_seed: int, shuffle: bool = True, repeat: bool = True, num_shards: int = 1,
+                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This host's batches (global `batch_size` rows over `num_shards` logical shards) of masked
+  `[CLS] ... [SEP]` blocks of `seq_len` tokens, documents separated by [SEP]: inputs, targets,
+  weights, segment_ids [batch_size / process_count, seq_len]."""
   if seq_len < 3:
     raise ConfigError(f"data.seq_len={seq_len} leaves no room between [CLS] and [SEP]; use at least 3.")
   sep_id, cls_id, pad_id = tokenizer.sep_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id
@@ -117,17 +123,20 @@ def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int
     raise ConfigError("masked-LM blocks need [CLS], [SEP] and [PAD] tokens; this tokenizer lacks "
                       "one. Train a WordPiece tokenizer (python -m jaxllm.tokenizer train --kind wordpiece).")
 
-  documents = memory_documents(docs, seed=seed, shuffle=shuffle, repeat=repeat)(shard_index, shard_count)
-  # [SEP] ends every document: the boundary, as in RoBERTa's full-sentence packing.
-  it = tokenize(documents, tokenizer, sep_id)
-  it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len - 2})
-  it = it.map(_block_fn(cls_id, sep_id, pad_id))
+  make_docs = memory_documents(docs, seed=seed, shuffle=shuffle, repeat=repeat)
 
   def mask_row(row: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
     return dict(mask_tokens(row["tokens"], rng, spec), segment_ids=row["segment_ids"])
-  # Each host masks its own rows with its own stream.
-  it = it.random_map(mask_row, seed=mask_seed * 1_000_003 + shard_index)
-  return it.batch(batch_size, drop_remainder=True)
+
+  def make_rows(shard: int) -> grain.IterDataset:
+    # [SEP] ends every document: the boundary, as in RoBERTa's full-sentence packing.
+    it = tokenize(make_docs(shard, num_shards), tokenizer, sep_id)
+    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len - 2})
+    it = it.map(_block_fn(cls_id, sep_id, pad_id))
+    # Each logical shard masks its rows with its own stream, whichever host builds it.
+    return it.random_map(mask_row, seed=mask_seed * 1_000_003 + shard)
+  return host_batches(make_rows, batch_size, num_shards=num_shards, process_index=process_index,
+                      process_count=process_count)
 
 
 def build_mlm_data(config: Any, workdir: str):
@@ -139,9 +148,10 @@ def build_mlm_data(config: Any, workdir: str):
   tokenizer = prepare_tokenizer(config, workdir, train_docs)
   m = config.mlm
   spec = masking_spec(tokenizer, m.probability, m.mask_fraction, m.random_fraction, m.whole_word)
-  per_host = config.train.batch_size // jax.process_count()
-  kwargs = dict(tokenizer=tokenizer, spec=spec, seq_len=config.data.seq_len, batch_size=per_host,
-                seed=config.data.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+  num_shards = num_data_shards(config)
+  kwargs = dict(tokenizer=tokenizer, spec=spec, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
+                seed=config.data.seed, num_shards=num_shards, process_index=jax.process_index(),
+                process_count=jax.process_count())
   train_ds = mlm_dataset(train_docs, mask_seed=m.seed, **kwargs)
   val_batches = []
   if val_docs and config.train.eval_steps > 0:
@@ -150,5 +160,6 @@ def build_mlm_data(config: Any, workdir: str):
     val_batches = take_batches(val_ds, config.train.eval_steps)
     if not val_batches:
       raise DataError(f"the validation split ({len(val_docs)} documents) is shorter than one batch of "
-                      f"{per_host} x {config.data.seq_len} tokens; raise data.val_fraction.")
+                      f"{config.train.batch_size // num_shards} x {config.data.seq_len} tokens per data "
+                      "shard; raise data.val_fraction.")
   return tokenizer, train_ds, val_batches

@@ -177,23 +177,41 @@ class _DocumentPieces(grain.experimental.FlatMapTransform):
             for i in range(0, len(inputs), self.seq_len)]
 
 
-def _document_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  segment_ids = row["inputs_segment_ids"].astype(np.int32)
-  return {"inputs": row["inputs"], "targets": row["targets"],
-          "weights": (segment_ids > 0).astype(np.float32),
-          "segment_ids": segment_ids, "positions": row["inputs_positions"].astype(np.int32)}
+class _PackedRow:
+  """grain's packed row -> the features, `segment_ids` and `positions` (from the inputs'), and
+  `weights`: the packed per-token weights if the pieces carry them (instruction tuning), else
+  1 on every real token. Padding is 0 in every feature (grain pads with zeros)."""
+
+  def __init__(self, features: tuple[str, ...]):
+    self.features = features
+
+  def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = row["inputs_segment_ids"].astype(np.int32)
+    out = {k: row[k] for k in self.features}
+    if "weights" not in out:
+      out["weights"] = (segment_ids > 0).astype(np.float32)
+    out.update(segment_ids=segment_ids, positions=row["inputs_positions"].astype(np.int32))
+    return out
+
+
+def first_fit_rows(pieces: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
+                   features: tuple[str, ...] = ("inputs", "targets")) -> grain.IterDataset:
+  """Pieces (dicts of per-token `features`, at most seq_len each) placed first-fit into rows of
+  seq_len (grain's FirstFitPack) with segment ids 1, 2, ... (0 = padding) and positions that
+  restart at 0 per piece. Every feature is packed alike, so per-token extras (loss weights,
+  prefix flags) stay aligned with their tokens. `num_bins` rows are filled at once: more bins,
+  fuller rows (see docs/data.md for measured fill)."""
+  rows = grain.experimental.FirstFitPackIterDataset(
+      pieces, length_struct={k: seq_len for k in features}, num_packing_bins=num_bins,
+      seed=seed, shuffle_bins=True)
+  return rows.map(_PackedRow(tuple(features)))
 
 
 def pack_documents(tokens: grain.IterDataset, seq_len: int, num_bins: int, seed: int) -> grain.IterDataset:
-  """First-fit packing of whole documents into rows of seq_len, with segment ids and positions.
-
-  `num_bins` rows are filled at once: more bins, fuller rows (see docs/data.md for measured fill)."""
+  """First-fit packing of whole documents into rows of seq_len, with segment ids and positions."""
   pieces = grain.experimental.FlatMapIterDataset(tokens, _DocumentPieces(seq_len, max_pieces=1 << 20))
   pieces = pieces.filter(lambda p: len(p["inputs"]) > 0)  # a bare EOS predicts nothing
-  rows = grain.experimental.FirstFitPackIterDataset(
-      pieces, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=num_bins,
-      seed=seed, shuffle_bins=True)
-  return rows.map(_document_row)
+  return first_fit_rows(pieces, seq_len, num_bins, seed)
 
 
 def pack(tokens: grain.IterDataset, mode: str, seq_len: int, num_bins: int = 128, seed: int = 0) -> grain.IterDataset:

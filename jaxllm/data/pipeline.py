@@ -31,6 +31,7 @@ import numpy as np
 from jaxllm.data import position
 from jaxllm.data.packing import pack, tokenize
 from jaxllm.data.sources import DataError
+from jaxllm.errors import ConfigError
 
 # A function (shard_index, num_shards) -> that shard's documents as a grain IterDataset.
 DocumentsFn = Callable[[int, int], grain.IterDataset]
@@ -76,6 +77,15 @@ def shard_rows(sources: dict[str, DocumentsFn], weights: dict[str, float], spec:
   if len(rows) == 1:
     return next(iter(rows.values()))
   return grain.IterDataset.mix(rows, {name: weights[name] for name in rows})
+
+
+def num_data_shards(config: Any) -> int:
+  """Logical data shards: data.num_shards, or one per process when it is 0."""
+  num_shards = config.data.get("num_shards", 0) or jax.process_count()
+  if num_shards % jax.process_count() or config.train.batch_size % num_shards:
+    raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the {jax.process_count()} processes "
+                      f"and divide train.batch_size={config.train.batch_size}.")
+  return num_shards
 
 
 def host_shards(num_shards: int, process_index: int, process_count: int) -> range:
@@ -159,33 +169,47 @@ class _GlobalPositionIterator(grain.DatasetIterator):
     self._parent.set_state(state["global"] if "global" in state else state)
 
 
-def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int, *,
-               weights: dict[str, float] | None = None, num_shards: int = 1, process_index: int = 0,
-               process_count: int = 1, drop_remainder: bool = True, prefetch: int = 0,
-               row_shuffle: int = 0) -> grain.IterDataset:
-  """This host's batches (batch_size / process_count rows) of packed causal-LM examples.
+def host_batches(make_rows: Callable[[int], grain.IterDataset], batch_size: int, *, num_shards: int = 1,
+                 process_index: int = 0, process_count: int = 1, drop_remainder: bool = True,
+                 prefetch: int = 0) -> grain.IterDataset:
+  """This host's batches (batch_size / process_count rows), every task's one host-sharding scheme.
 
-  `batch_size` is the global batch; each of the `num_shards` logical shards makes
-  batch_size / num_shards rows of it.
+  make_rows(s) is logical shard s's rows; each of the `num_shards` shards makes
+  batch_size / num_shards rows of the global batch `batch_size`, and this host concatenates its
+  own shards' (`host_shards`, `HostShardsIterDataset`). So the global batch depends on
+  num_shards, never on the process count, and a position resumes on any process count that
+  divides num_shards.
   """
   if num_shards <= 0 or batch_size % num_shards:
     raise ValueError(f"train.batch_size={batch_size} is not divisible by data.num_shards={num_shards}.")
   rows_per_shard = batch_size // num_shards
+  shard_batches = {s: make_rows(s).batch(rows_per_shard, drop_remainder=drop_remainder)
+                   for s in host_shards(num_shards, process_index, process_count)}
+  batches = HostShardsIterDataset(shard_batches, num_shards)
+  if prefetch > 0:
+    # A background thread keeps `prefetch` batches ready; its state is that of the last batch handed out.
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+  return batches
+
+
+def lm_batches(sources: dict[str, DocumentsFn], spec: PackSpec, batch_size: int, *,
+               weights: dict[str, float] | None = None, num_shards: int = 1, process_index: int = 0,
+               process_count: int = 1, drop_remainder: bool = True, prefetch: int = 0,
+               row_shuffle: int = 0) -> grain.IterDataset:
+  """This host's batches (batch_size / process_count rows) of packed causal-LM examples
+  (`host_batches` over `num_shards` logical shards)."""
   weights = weights or {name: 1.0 for name in sources}
-  shard_batches = {}
-  for s in host_shards(num_shards, process_index, process_count):
+
+  def make_rows(s: int) -> grain.IterDataset:
     rows = shard_rows(sources, weights, spec, s, num_shards)
     if row_shuffle > 1:
       # Consecutive rows of a long document are near-duplicates; mixing a window of rows keeps
       # one file from filling whole batches (the ConstantLengthDataset + shuffle-buffer recipe).
       rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=row_shuffle,
                                                          seed=spec.seed * 7_919 + s)
-    shard_batches[s] = rows.batch(rows_per_shard, drop_remainder=drop_remainder)
-  batches = HostShardsIterDataset(shard_batches, num_shards)
-  if prefetch > 0:
-    # A background thread keeps `prefetch` batches ready; its state is that of the last batch handed out.
-    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
-  return batches
+    return rows
+  return host_batches(make_rows, batch_size, num_shards=num_shards, process_index=process_index,
+                      process_count=process_count, drop_remainder=drop_remainder, prefetch=prefetch)
 
 
 def saved_position(iterator: grain.DatasetIterator) -> dict:

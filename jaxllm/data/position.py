@@ -11,12 +11,15 @@ included, for every state our pipelines produce.
 
 A job of several processes has one position per process. The checkpoint (written
 by process 0 alone) holds all of them, in one of three shapes (`job_position`):
-  {"num_shards": N, "shards": {...}}  every logical shard's position: the LM pipeline,
-                                      which resumes on any process count dividing N
+  {"num_shards": N, "shards": {...}}  every logical shard's position: LM, packed
+                                      instruction tuning and masked-LM, which resume
+                                      on any process count dividing N
   {"global": ...}                     the same on every process and for any process
-                                      count (instruction tuning, windows)
-  {"processes": [...]}                one per process (masked-LM): resumes only on
-                                      the process count it was saved with
+                                      count (padded instruction tuning, windows)
+  {"processes": [...]}                one per process: what masked-LM wrote before it
+                                      moved onto logical shards (each process's state is
+                                      then its one shard's); resumes only on the process
+                                      count it was saved with
 """
 
 from __future__ import annotations
@@ -73,8 +76,9 @@ def process_state(saved: Any, process_index: int, process_count: int) -> Any:
     if len(state["processes"]) != process_count:
       raise DataError(
           f"the checkpoint's data position was saved by {len(state['processes'])} processes and this run has "
-          f"{process_count}; this data pipeline (masked-LM) deals its documents to processes, so it resumes "
-          f"only on {len(state['processes'])} processes: run that many, or start in a fresh --workdir.")
+          f"{process_count}; a position kept per process (masked-LM checkpoints written before its data moved "
+          f"onto logical shards) resumes only on {len(state['processes'])} processes: run that many, or start "
+          "in a fresh --workdir.")
     return _decode(state["processes"][process_index])
   return _decode(state)
 

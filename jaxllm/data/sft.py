@@ -7,8 +7,11 @@ response tail first; the prompt is kept where possible.
 
 Batches are either padded (examples of similar length batched together, padded to
 the longest, rounded up to `pad_multiple`) or packed (several examples per row of
-`seq_len`, with `segment_ids` and restarting `positions` so none sees another). Both
-give the same loss per example; both are grain datasets whose state resumes exactly.
+`seq_len` on the LM pipeline's stages: grain's first-fit packer, logical data shards, with
+`segment_ids` and restarting `positions` so none sees another). Both give the same loss per
+example; both are grain datasets whose state resumes exactly. With `sft.prefix_lm` every
+batch also carries `in_prefix` [batch, seq]: True on each example's prompt (the tokens before
+its first response), which the model lets attend both ways (prefix-LM).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any, Callable, Iterable
 import grain
 import numpy as np
 
-from jaxllm.data.pipeline import GlobalPositionIterDataset
+from jaxllm.data.packing import first_fit_rows
+from jaxllm.data.pipeline import (GlobalPositionIterDataset, host_batches, memory_documents, num_data_shards,
+                                  take_batches)
 # get_template, load_records and register_template are this module's API too (recipes register templates).
 from jaxllm.data.chat import Segment, Template, get_template, load_records, normalize_record, register_template  # noqa: F401
 from jaxllm.data.sources import DataError
@@ -28,10 +33,13 @@ from jaxllm.data.sources import DataError
 
 @dataclasses.dataclass
 class Encoded:
-  """One example: tokens [n] and weights [n] (weight of predicting tokens[i] from tokens[:i])."""
+  """One example: tokens [n] and weights [n] (weight of predicting tokens[i] from tokens[:i]).
+  prefix_len: the first prompt's tokens, up to the first response token (prefix-LM's prefix;
+  later turns' prompts come after a response, so they stay causal)."""
   tokens: np.ndarray
   weights: np.ndarray
   truncated: bool = False
+  prefix_len: int = 0
 
 
 def _bos_prefix(tokenizer: Any) -> list[int]:
@@ -67,6 +75,7 @@ def encode_segments(segments: list[Segment], tokenizer: Any, max_len: int,
   tokens: list[int] = []
   weights: list[float] = []
   truncated = False
+  prefix_len = -1
   for p, r in turns:
     room = max_len - len(tokens)
     if len(p) + len(r) > room:
@@ -75,11 +84,14 @@ def encode_segments(segments: list[Segment], tokenizer: Any, max_len: int,
         break  # a later turn whose prompt does not fit: drop it whole
       keep_r = min(len(r), max(room - len(p), min(len(r), max(1, max_len // 4))))
       p, r = p[:room - keep_r], r[:keep_r]
+    if prefix_len < 0:
+      prefix_len = len(tokens) + len(p)
     tokens += p + r
     weights += [1.0 if train_on_prompt else 0.0] * len(p) + [1.0] * len(r)
     if truncated:
       break
-  return Encoded(np.asarray(tokens, np.int32), np.asarray(weights, np.float32), truncated)
+  return Encoded(np.asarray(tokens, np.int32), np.asarray(weights, np.float32), truncated,
+                 max(prefix_len, 0))
 
 
 def encode_record(record: Any, template: Template, tokenizer: Any, max_len: int,
@@ -101,34 +113,23 @@ def prompt_ids(tokenizer: Any, template: Template, instruction: str, input_text:
 
 # --------------------------------------------------------------------------- batching
 
-def padded_batch(examples: list[Encoded], width: int) -> dict[str, np.ndarray]:
-  """One example per row, right-padded to `width` inputs; padding has weight 0."""
-  batch = {k: np.zeros((len(examples), width), dt) for k, dt in
-           (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32))}
-  for row, ex in enumerate(examples):
-    n = len(ex.tokens) - 1
-    batch["inputs"][row, :n] = ex.tokens[:-1]
-    batch["targets"][row, :n] = ex.tokens[1:]
-    batch["weights"][row, :n] = ex.weights[1:]
-  return batch
+def example_features(ex: Encoded, prefix_lm: bool = False) -> dict[str, np.ndarray]:
+  """One example's per-token features, [n - 1] each: inputs, targets, weights and, for
+  prefix-LM, in_prefix (input i is token i, in the prefix when i < prefix_len)."""
+  n = len(ex.tokens) - 1
+  out = {"inputs": ex.tokens[:-1], "targets": ex.tokens[1:], "weights": ex.weights[1:]}
+  if prefix_lm:
+    out["in_prefix"] = np.arange(n) < ex.prefix_len
+  return out
 
 
-def packed_batch(rows: list[list[Encoded]], width: int) -> dict[str, np.ndarray]:
-  """Several examples per row: segment_ids 1, 2, ... (0 = padding) and positions restarting at 0."""
-  batch = {k: np.zeros((len(rows), width), dt) for k, dt in
-           (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32),
-            ("segment_ids", np.int32), ("positions", np.int32))}
-  for row, examples in enumerate(rows):
-    start = 0
-    for seg, ex in enumerate(examples, 1):
-      n = len(ex.tokens) - 1
-      end = start + n
-      batch["inputs"][row, start:end] = ex.tokens[:-1]
-      batch["targets"][row, start:end] = ex.tokens[1:]
-      batch["weights"][row, start:end] = ex.weights[1:]
-      batch["segment_ids"][row, start:end] = seg
-      batch["positions"][row, start:end] = np.arange(n)
-      start = end
+def padded_batch(examples: list[Encoded], width: int, prefix_lm: bool = False) -> dict[str, np.ndarray]:
+  """One example per row, right-padded to `width` inputs; padding has weight 0 (and no prefix)."""
+  rows = [example_features(ex, prefix_lm) for ex in examples]
+  batch = {k: np.zeros((len(examples), width), v.dtype) for k, v in rows[0].items()}
+  for row, features in enumerate(rows):
+    for k, v in features.items():
+      batch[k][row, :len(v)] = v
   return batch
 
 
@@ -149,52 +150,31 @@ def plan_padded(lengths: list[int], batch_size: int, seed: int | None, bucket_ba
   return [p for p in plans if len(p) == batch_size]
 
 
-def plan_packed(lengths: list[int], batch_size: int, seq_len: int, seed: int | None,
-                open_rows: int = 64) -> list[list[list[int]]]:
-  """Global batches of packed rows: first fit over the shuffled examples into rows of `seq_len`
-  inputs (at most `open_rows` rows open at once, so memory stays bounded)."""
-  order = np.arange(len(lengths)) if seed is None else np.random.default_rng(seed).permutation(len(lengths))
-  rows: list[list[int]] = []
-  free: list[int] = []
-  first_open = 0
-  for i in order:
-    n = lengths[i]
-    for r in range(first_open, len(rows)):
-      if free[r] >= n:
-        rows[r].append(int(i))
-        free[r] -= n
-        break
-    else:
-      rows.append([int(i)])
-      free.append(seq_len - n)
-      first_open = max(first_open, len(rows) - open_rows)
-  return [rows[b:b + batch_size] for b in range(0, len(rows) - batch_size + 1, batch_size)]
-
-
-def collate_fn(examples: list[Encoded], *, packing: bool, seq_len: int, pad_multiple: int,
-               shard_index: int = 0, shard_count: int = 1) -> Callable[[list[list[int]]], dict]:
-  """plan (global batch: rows of example indices) -> this host's rows as arrays. Padded widths
-  come from the whole global batch, so every host builds the same shape and the global batch
-  does not depend on the process count."""
+def collate_fn(examples: list[Encoded], *, seq_len: int, pad_multiple: int, prefix_lm: bool = False,
+               process_index: int = 0, process_count: int = 1) -> Callable[[list[list[int]]], dict]:
+  """plan (global batch: rows of example indices) -> this host's rows as a padded batch. The
+  width comes from the whole global batch, so every host builds the same shape and the global
+  batch does not depend on the process count."""
   def collate(plan: list[list[int]]) -> dict[str, np.ndarray]:
-    per_host = len(plan) // shard_count
-    mine = plan[shard_index * per_host:(shard_index + 1) * per_host]
-    if packing:
-      return packed_batch([[examples[i] for i in row] for row in mine], seq_len)
+    per_host = len(plan) // process_count
+    mine = plan[process_index * per_host:(process_index + 1) * per_host]
     longest = max(len(examples[row[0]].tokens) - 1 for row in plan)
     width = min(_round_up(longest, pad_multiple), seq_len)
-    return padded_batch([examples[row[0]] for row in mine], width)
+    return padded_batch([examples[row[0]] for row in mine], width, prefix_lm)
   return collate
 
 
-def sft_dataset(examples: list[Encoded], batch_size: int, *, seq_len: int, packing: bool = False,
-                pad_multiple: int = 16, bucket_batches: int = 16, seed: int = 0, shuffle: bool = True,
-                repeat: bool = True, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-  """Batches of `examples` (global `batch_size` rows; each host gets its share) as a grain dataset."""
+def padded_dataset(examples: list[Encoded], batch_size: int, *, seq_len: int, pad_multiple: int = 16,
+                   bucket_batches: int = 16, prefix_lm: bool = False, seed: int = 0, shuffle: bool = True,
+                   repeat: bool = True, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Padded batches as a grain dataset of global-batch plans, each host collating its rows.
+
+  Padded batches cannot take the logical-shard scheme of packed ones: a batch's width is the
+  longest example of the whole global batch, a fact no shard knows alone. So the global batch
+  is planned in one place (every host plans the same) and its position counts global batches,
+  which resumes on any process count."""
   lengths = [len(ex.tokens) - 1 for ex in examples]
-  plan_seed = seed if shuffle else None
-  plans = (plan_packed(lengths, batch_size, seq_len, plan_seed) if packing
-           else plan_padded(lengths, batch_size, plan_seed, bucket_batches))
+  plans = plan_padded(lengths, batch_size, seed if shuffle else None, bucket_batches)
   if not plans:
     raise DataError(f"{len(examples)} examples do not fill one batch of {batch_size} rows; "
                     "add data or lower train.batch_size.")
@@ -203,10 +183,39 @@ def sft_dataset(examples: list[Encoded], batch_size: int, *, seq_len: int, packi
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(collate_fn(examples, packing=packing, seq_len=seq_len, pad_multiple=pad_multiple,
-                         shard_index=shard_index, shard_count=shard_count))
-  # The position counts global batches (plans), the same on every host: any process count resumes it.
+  ds = ds.map(collate_fn(examples, seq_len=seq_len, pad_multiple=pad_multiple, prefix_lm=prefix_lm,
+                         process_index=process_index, process_count=process_count))
   return GlobalPositionIterDataset(ds.to_iter_dataset())
+
+
+def packed_rows(examples: list[Encoded], seq_len: int, *, shard_index: int = 0, num_shards: int = 1,
+                prefix_lm: bool = False, pack_bins: int = 128, seed: int = 0, shuffle: bool = True,
+                repeat: bool = True) -> grain.IterDataset:
+  """Logical shard `shard_index`'s rows of seq_len: the LM pipeline's stages over the examples
+  (memory_documents: a seeded global shuffle, again each epoch, every num_shards-th example;
+  then first_fit_rows), every per-token feature packed alongside the tokens."""
+  features = [example_features(ex, prefix_lm) for ex in examples]
+  pieces = memory_documents(features, seed=seed, shuffle=shuffle, repeat=repeat)(shard_index, num_shards)
+  pieces = pieces.filter(lambda p: len(p["inputs"]) > 0)  # a one-token example predicts nothing
+  return first_fit_rows(pieces, seq_len, pack_bins, seed=seed * 1_000_003 + shard_index * 101,
+                        features=tuple(features[0]))
+
+
+def sft_dataset(examples: list[Encoded], batch_size: int, *, seq_len: int, packing: bool = False,
+                prefix_lm: bool = False, pad_multiple: int = 16, bucket_batches: int = 16, pack_bins: int = 128,
+                seed: int = 0, shuffle: bool = True, repeat: bool = True, num_shards: int = 1,
+                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """This host's batches of `examples` (global `batch_size` rows): packed on `num_shards`
+  logical shards (`host_batches`), or padded (`padded_dataset`, which ignores num_shards)."""
+  if not packing:
+    return padded_dataset(examples, batch_size, seq_len=seq_len, pad_multiple=pad_multiple,
+                          bucket_batches=bucket_batches, prefix_lm=prefix_lm, seed=seed, shuffle=shuffle,
+                          repeat=repeat, process_index=process_index, process_count=process_count)
+  make_rows = lambda s: packed_rows(examples, seq_len, shard_index=s, num_shards=num_shards,  # noqa: E731
+                                    prefix_lm=prefix_lm, pack_bins=pack_bins, seed=seed, shuffle=shuffle,
+                                    repeat=repeat)
+  return host_batches(make_rows, batch_size, num_shards=num_shards, process_index=process_index,
+                      process_count=process_count)
 
 
 # ------------------------------------------------------------------------ from config
@@ -248,20 +257,22 @@ def build_sft_data(config: Any, workdir: str) -> SftData:
       encode_record(r, template, tokenizer, d.seq_len, d.train_on_prompt, f"{d.path} {tag} record {i + 1}")
       for i, r in enumerate(recs)]
   train_examples, val_examples = encode(train_records, "train"), encode(val_records, "val")
-  kwargs = dict(seq_len=d.seq_len, packing=d.packing == "document", pad_multiple=d.pad_multiple,
-                bucket_batches=d.bucket_batches, seed=d.seed, shard_index=jax.process_index(),
-                shard_count=jax.process_count())
-  train_ds = sft_dataset(train_examples, config.train.batch_size, **kwargs)
+  packing = d.packing == "document"
+  batch_size = config.train.batch_size
+  kwargs = dict(seq_len=d.seq_len, packing=packing, prefix_lm=config.sft.prefix_lm, pad_multiple=d.pad_multiple,
+                bucket_batches=d.bucket_batches, pack_bins=d.pack_bins, seed=d.seed,
+                num_shards=num_data_shards(config) if packing else 1,
+                process_index=jax.process_index(), process_count=jax.process_count())
+  train_ds = sft_dataset(train_examples, batch_size, **kwargs)
   val_batches = []
   if val_examples and config.train.eval_steps > 0:
-    val_ds = sft_dataset(val_examples, min(config.train.batch_size, len(val_examples)), shuffle=False,
-                         repeat=False, **kwargs) if len(val_examples) >= config.train.batch_size else None
-    if val_ds is None:
+    if len(val_examples) < batch_size:
       raise DataError(f"the validation split has {len(val_examples)} examples, fewer than "
-                      f"train.batch_size={config.train.batch_size}; raise data.val_fraction.")
-    for batch in val_ds:
-      val_batches.append(batch)
-      if len(val_batches) >= config.train.eval_steps:
-        break
+                      f"train.batch_size={batch_size}; raise data.val_fraction.")
+    val_batches = take_batches(sft_dataset(val_examples, batch_size, shuffle=False, repeat=False, **kwargs),
+                               config.train.eval_steps)
+    if not val_batches:
+      raise DataError(f"the validation split ({len(val_examples)} examples) packs into fewer than one batch "
+                      f"of {batch_size} rows of data.seq_len={d.seq_len}; raise data.val_fraction.")
   num_truncated = sum(ex.truncated for ex in train_examples + val_examples)
   return SftData(tokenizer, train_ds, val_batches, template, len(records), num_truncated)

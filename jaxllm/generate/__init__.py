@@ -8,7 +8,9 @@ prompt's first real token, so every row decodes exactly as it would alone. `pref
 the whole prompt in one pass and picks the first new token; `decode_chunk` then adds one
 token per step inside a `lax.while_loop`. The host looks at the tokens only between chunks
 (to stream text and to check stop strings), so without streaming or stop strings the whole
-generation is two compiled calls.
+generation is two compiled calls. A prefix-LM model (trained with `sft.prefix_lm`) gets
+`prefix_lm=True`: the prompt, its prefix, is prefilled with bidirectional attention and the new
+tokens are decoded causally, as the model saw instruction and response in training.
 """
 
 from __future__ import annotations
@@ -95,19 +97,20 @@ def _append(state: DecodeState, logits: Array, sampling: SamplingConfig) -> Deco
   return state._replace(tokens=tokens, seen=seen, done=done, index=state.index + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "mesh", "prefix_lm"))
 def prefill(params: Any, prompt: Array, key_positions: Array, key_valid: Array, eos_id: Array,
             rng: Array, prefix_embeddings: Array | None, *, cfg: ModelConfig, sampling: SamplingConfig,
-            mesh: jax.sharding.Mesh | None) -> DecodeState:
+            mesh: jax.sharding.Mesh | None, prefix_lm: bool = False) -> DecodeState:
   """Runs the (left-padded) prompt [batch, prompt_len] through the model in one pass, filling
   the cache, and samples the first new token. key_positions/key_valid [batch, max_len] cover
-  prefix + prompt + every new token (see `layout`)."""
+  prefix + prompt + every new token (see `layout`). prefix_lm: soft prefix and prompt attend
+  to each other both ways (the model's prefix)."""
   batch, prompt_len = prompt.shape
   max_len = key_positions.shape[1]
   prefix_len = 0 if prefix_embeddings is None else prefix_embeddings.shape[1]
   cache = init_cache(cfg, batch, max_len)
   logits, cache = GPT(cfg).apply({"params": params}, prompt, cache, jnp.int32(0), key_positions,
-                                 key_valid, prefix_embeddings, method=GPT.decode)
+                                 key_valid, prefix_embeddings, bidirectional=prefix_lm, method=GPT.decode)
   tokens = jnp.zeros((batch, max_len), jnp.int32).at[:, prefix_len:prefix_len + prompt_len].set(prompt)
   in_prompt = key_valid[:, prefix_len:prefix_len + prompt_len]
   seen = jnp.zeros((batch, cfg.vocab_size), bool).at[jnp.arange(batch)[:, None], prompt].max(in_prompt)
@@ -178,16 +181,19 @@ class Generator:
 
   params may be on the host or already sharded on `mesh` (e.g. from
   `model_dir.load_model_dir(path, shardings=...)`). prefix_embeddings [prefix_len, d_model]
-  (prompt tuning) are placed before every prompt.
+  (prompt tuning) are placed before every prompt. prefix_lm: the model was trained as a
+  prefix-LM (`sft.prefix_lm`; `model_dir.trained_prefix_lm` reads it from a model directory),
+  so each prompt is prefilled with bidirectional attention.
   """
 
   def __init__(self, cfg: ModelConfig, params: Any, mesh: jax.sharding.Mesh | None = None,
-               prefix_embeddings: Any | None = None):
+               prefix_embeddings: Any | None = None, prefix_lm: bool = False):
     if cfg.family != "gpt":
       raise GenerationError(f"model.family={cfg.family!r} cannot generate text; use a GPT-family model.")
     self.cfg = dataclasses.replace(cfg, remat="none", dropout_rate=0.0)
     self.mesh = mesh
     self.params = params
+    self.prefix_lm = prefix_lm
     if prefix_embeddings is None and cfg.num_virtual_tokens:  # prompt tuning: the model's own prompt
       prefix_embeddings = params["prompt"]["embedding"]
     self.prefix_embeddings = None if prefix_embeddings is None else jnp.asarray(prefix_embeddings)
@@ -229,7 +235,7 @@ class Generator:
     eos_id = np.int32(-1 if sampling.eos_id is None else sampling.eos_id)
     program = sampling.program_key()
     state = prefill(self.params, prompt, key_positions, key_valid, eos_id, jax.random.key(seed),
-                    prefix, cfg=self.cfg, sampling=program, mesh=self.mesh)
+                    prefix, cfg=self.cfg, sampling=program, mesh=self.mesh, prefix_lm=self.prefix_lm)
     first = prefix_len + prompt.shape[1]
     chunk = chunk_size or (8 if (stop or on_text) else sampling.max_new_tokens)
     tracker = _StopTracker(len(prompts), stop, detokenize, on_text, sampling.eos_id)
@@ -318,6 +324,6 @@ class _StopTracker:
 
 def generate(cfg: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
              sampling: SamplingConfig, *, mesh: jax.sharding.Mesh | None = None,
-             prefix_embeddings: Any | None = None, **kwargs) -> list[Completion]:
-  """One-call form of `Generator(cfg, params, mesh, prefix_embeddings).generate(prompts, ...)`."""
-  return Generator(cfg, params, mesh, prefix_embeddings).generate(prompts, sampling, **kwargs)
+             prefix_embeddings: Any | None = None, prefix_lm: bool = False, **kwargs) -> list[Completion]:
+  """One-call form of `Generator(cfg, params, mesh, prefix_embeddings, prefix_lm).generate(prompts, ...)`."""
+  return Generator(cfg, params, mesh, prefix_embeddings, prefix_lm).generate(prompts, sampling, **kwargs)

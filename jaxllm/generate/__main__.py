@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jaxllm import progress
-from jaxllm.model_dir import load_model_dir
+from jaxllm.model_dir import load_model_dir, trained_prefix_lm
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
 from jaxllm.models import GPT, ModelConfig
@@ -120,7 +120,8 @@ def run_cli(args) -> None:
   if streaming:
     sys.stdout.write(texts[0])
     sys.stdout.flush()
-  generator = Generator(cfg, params, mesh)
+  # A prefix-LM's whole prompt is its prefix (an SFT model's prompt is the template's prompt part).
+  generator = Generator(cfg, params, mesh, prefix_lm=trained_prefix_lm(args.checkpoint))
   stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
   start = time.perf_counter()
   completions = []

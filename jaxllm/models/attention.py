@@ -1,8 +1,8 @@
 """Attention behind one function, with the kernel chosen per platform (`model.attention_impl`).
 
-The model passes integer `segment_ids` (packed documents), the causal flag, `prefix_len`
-(prefix-LM) and positions; it never builds a dense mask. Only the `xla` reference does
-(`reference_mask`). The kernels, and what each takes (see docs/attention.md):
+The model passes integer `segment_ids` (packed documents), the causal flag, per-token
+`in_prefix` flags (prefix-LM) and positions; it never builds a dense mask. Only the `xla`
+reference does (`reference_mask`). The kernels, and what each takes (see docs/attention.md):
 
 | impl         | segment ids | causal / full | prefix-LM      | GQA          | bias (ALiBi) | dtypes          | decode |
 |--------------|-------------|---------------|----------------|--------------|--------------|-----------------|--------|
@@ -13,9 +13,10 @@ The model passes integer `segment_ids` (packed documents), the causal flag, `pre
 
 A kernel asked for a feature it lacks falls back to `xla` with a one-time warning naming the
 feature (`resolve_impl` says why); `auto` picks the fastest kernel that takes the batch's
-features. Prefix-LM on a kernel is two kernel calls, exact: a query inside the prefix sees
-its document's prefix both ways (full attention over segment ids split at the prefix), a query
-after it sees its document causally; the output takes, per query, the call that applies.
+features. Prefix-LM on a kernel is two kernel calls, exact when each segment's prefix is its
+first tokens (what the SFT pipeline builds): a query inside the prefix sees its document's
+prefix both ways (full attention over segment ids split at the prefix), a query after it sees
+its document causally; the output takes, per query, the call that applies.
 On CPU a Pallas kernel asked for by name runs in interpret mode (slow; for tests).
 With a mesh of more than one device the Pallas kernels run under `shard_map`: batch over
 the mesh axes of the logical `batch` axis, heads over those of `heads` (jaxllm.sharding).
@@ -61,10 +62,10 @@ class AttentionFeatures:
   decode: bool = False        # queries against a longer key sequence (KV-cache decoding)
 
   @classmethod
-  def of(cls, q: Array, k: Array, *, segment_ids: Array | None = None, prefix_len: Array | None = None,
+  def of(cls, q: Array, k: Array, *, segment_ids: Array | None = None, in_prefix: Array | None = None,
          has_bias: bool = False, causal: bool = True) -> "AttentionFeatures":
     """The features of a call with these arrays (q [batch, q_len, ...], k [batch, kv_len, ...])."""
-    return cls(segment_ids=segment_ids is not None, prefix_lm=prefix_len is not None and causal,
+    return cls(segment_ids=segment_ids is not None, prefix_lm=in_prefix is not None and causal,
                bias=has_bias, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
                decode=q.shape[1] != k.shape[1])
 
@@ -126,24 +127,26 @@ def resolve_impl(impl: str, platform: str, features: AttentionFeatures) -> tuple
   return "xla", f"{platform}: the XLA reference"
 
 
-def reference_mask(q_len: int, segment_ids: Array | None = None, prefix_len: Array | None = None,
+def reference_mask(q_len: int, segment_ids: Array | None = None, in_prefix: Array | None = None,
                    causal: bool = True, batch: int = 1) -> Array | None:
   """Boolean [batch, 1, q_len, q_len] mask (True = may attend), or None for plain causal:
   the only dense mask jaxllm builds, for the xla path.
 
   segment_ids [batch, seq]: tokens only see tokens of the same segment (padding, id 0, is a
-  segment too, so no row is empty). prefix_len [batch]: the first prefix_len tokens see
-  each other both ways (prefix-LM).
+  segment too, so no row is empty). in_prefix [batch, seq] bool (prefix-LM): with causal,
+  query i also sees every key j of its segment that is in the prefix, later ones included;
+  each segment's prefix is its first tokens, so the prefix sees itself both ways and the
+  rest of the segment stays causal.
   """
-  if segment_ids is None and prefix_len is None:
+  if segment_ids is None and in_prefix is None:
     return None
   mask = jnp.ones((batch, q_len, q_len), bool)
   if causal:
     i = jnp.arange(q_len)[:, None]
     j = jnp.arange(q_len)[None, :]
     allowed = j <= i
-    if prefix_len is not None:
-      allowed = allowed | (j[None] < prefix_len[:, None, None])
+    if in_prefix is not None:
+      allowed = allowed | in_prefix[:, None, :].astype(bool)
     mask = mask & allowed
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -168,7 +171,7 @@ def alibi_bias(num_heads: int, q_positions: Array, k_positions: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None, causal: bool = True,
-              prefix_len: Array | None = None, bias: Array | None = None, alibi: bool = False,
+              in_prefix: Array | None = None, bias: Array | None = None, alibi: bool = False,
               positions: Array | None = None, impl: str = "auto",
               mesh: Mesh | AbstractMesh | None = None) -> Array:
   """Scaled dot-product self-attention, softmax(q k^T / sqrt(head_dim) + bias) v, on the kernel
@@ -176,8 +179,9 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
 
   q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim] (kv_heads divides
   heads; query head n uses kv head n // (heads / kv_heads)). segment_ids [batch, seq] int:
-  documents never attend across (0 = padding, its own segment). prefix_len [batch]: with
-  causal, the first prefix_len tokens of a row attend both ways. bias: an additive
+  documents never attend across (0 = padding, its own segment). in_prefix [batch, seq] bool:
+  with causal, the flagged tokens, the first ones of their segment, attend both ways among
+  themselves (prefix-LM; `reference_mask` has the exact rule). bias: an additive
   [batch or 1, heads, seq, seq] bias; or alibi=True with positions [batch, seq] (restarting
   per document), which builds the ALiBi bias only where a kernel takes one. mesh (default:
   the one set by an enclosing `jax.set_mesh`): with more than one device, the Pallas
@@ -189,10 +193,12 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
   assert k.shape[1] == seq_len, f"self-attention needs q_len == kv_len; decode with decode_attention ({q.shape}, {k.shape})"
   assert num_heads % k.shape[2] == 0, f"kv_heads {k.shape[2]} must divide heads {num_heads}"
   assert segment_ids is None or segment_ids.shape == (batch, seq_len), segment_ids.shape
-  assert prefix_len is None or prefix_len.shape == (batch,), prefix_len.shape
+  assert in_prefix is None or in_prefix.shape == (batch, seq_len), in_prefix.shape
   if not causal:
-    prefix_len = None  # bidirectional everywhere already
-  features = AttentionFeatures.of(q, k, segment_ids=segment_ids, prefix_len=prefix_len,
+    in_prefix = None  # bidirectional everywhere already
+  if in_prefix is not None:
+    in_prefix = in_prefix.astype(bool)
+  features = AttentionFeatures.of(q, k, segment_ids=segment_ids, in_prefix=in_prefix,
                                   has_bias=bias is not None or alibi, causal=causal)
   if mesh is None:  # the mesh of an enclosing jax.set_mesh, if any
     context = jax.sharding.get_abstract_mesh()
@@ -207,33 +213,33 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
     alibi_term = alibi_bias(num_heads, positions, positions)
     bias = alibi_term if bias is None else bias + alibi_term
   if name == "xla":
-    return _xla(q, k, v, segment_ids, causal, prefix_len, bias)
+    return _xla(q, k, v, segment_ids, causal, in_prefix, bias)
   if name == "cudnn":
-    return _cudnn(q, k, v, causal, prefix_len, bias)
+    return _cudnn(q, k, v, causal, in_prefix, bias)
   kernel = _pallas_gpu if name == "pallas_gpu" else _splash
   interpret = platform == "cpu"
   if mesh is not None and mesh.size > 1:
-    return _sharded(kernel, mesh, q, k, v, segment_ids, causal, prefix_len, interpret)
-  return kernel(q, k, v, segment_ids, causal, prefix_len, interpret)
+    return _sharded(kernel, mesh, q, k, v, segment_ids, causal, in_prefix, interpret)
+  return kernel(q, k, v, segment_ids, causal, in_prefix, interpret)
 
 
-def _xla(q, k, v, segment_ids, causal, prefix_len, bias) -> Array:
+def _xla(q, k, v, segment_ids, causal, in_prefix, bias) -> Array:
   batch, seq_len = q.shape[:2]
-  mask = reference_mask(seq_len, segment_ids, prefix_len, causal, batch)
+  mask = reference_mask(seq_len, segment_ids, in_prefix, causal, batch)
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal and mask is None,
                                       implementation="xla")
 
 
-def _with_prefix(run, segment_ids: Array | None, causal: bool, prefix_len: Array | None, seq_len: int) -> Array:
+def _with_prefix(run, segment_ids: Array | None, causal: bool, in_prefix: Array | None) -> Array:
   """Prefix-LM from two calls of run(segment_ids, causal) -> [batch, seq, heads, head_dim].
 
   A query in the prefix sees exactly its document's prefix (full attention, segments split
-  at the prefix); a query after it sees its document causally (the prefix lies before it)."""
-  if prefix_len is None or not causal:
+  at the prefix); a query after it sees its document causally (the prefix, its document's
+  first tokens, lies before it)."""
+  if in_prefix is None or not causal:
     return run(segment_ids, causal)
-  in_prefix = jnp.arange(seq_len)[None, :] < prefix_len[:, None]  # [batch, seq]
   base = jnp.zeros(in_prefix.shape, jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   split = 2 * base + (~in_prefix).astype(jnp.int32)
   full = run(split, False)
@@ -241,15 +247,16 @@ def _with_prefix(run, segment_ids: Array | None, causal: bool, prefix_len: Array
   return jnp.where(in_prefix[:, :, None, None], full, after)
 
 
-def _cudnn(q, k, v, causal, prefix_len, bias) -> Array:
+def _cudnn(q, k, v, causal, in_prefix, bias) -> Array:
   """jax.nn's cuDNN flash attention; prefix-LM as a full call over the first prefix_len keys
-  (`key_value_seq_lengths`) for the prefix's queries and a causal call for the rest."""
+  (`key_value_seq_lengths`) for the prefix's queries and a causal call for the rest. cuDNN
+  takes no segment ids, so a row is one document and its prefix is its first prefix_len tokens."""
   if bias is not None:
     bias = bias.astype(q.dtype)
   call = lambda **kw: jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn", **kw)  # noqa: E731
-  if prefix_len is None:
+  if in_prefix is None:
     return call(is_causal=causal)
-  in_prefix = jnp.arange(q.shape[1])[None, :] < prefix_len[:, None]
+  prefix_len = jnp.sum(in_prefix, axis=1)  # [batch]
   # At least one key, so a row with no prefix gets finite (unused) values and gradients.
   full = call(is_causal=False, key_value_seq_lengths=jnp.maximum(prefix_len, 1).astype(jnp.int32))
   return jnp.where(in_prefix[:, :, None, None], full, call(is_causal=True))
@@ -263,20 +270,21 @@ def _pad_seq(x: Array | None, target: int, axis: int, value=0) -> Array | None:
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _pad_for_blocks(q, k, v, segment_ids, block: int):
+def _pad_for_blocks(q, k, v, segment_ids, in_prefix, block: int):
   """Pads the sequence to a multiple of `block`; padded tokens get segment id -1 (an id no real
-  token has, so nothing real attends to them)."""
+  token has, so nothing real attends to them) and lie outside any prefix."""
   seq_len = q.shape[1]
   target = -(-seq_len // block) * block
   if target == seq_len:
-    return q, k, v, segment_ids
+    return q, k, v, segment_ids, in_prefix
   if segment_ids is None:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
   q, k, v = (_pad_seq(x, target, 1) for x in (q, k, v))
-  return q, k, v, _pad_seq(segment_ids.astype(jnp.int32), target, 1, value=-1)
+  return (q, k, v, _pad_seq(segment_ids.astype(jnp.int32), target, 1, value=-1),
+          _pad_seq(in_prefix, target, 1, value=False))
 
 
-def _pallas_gpu(q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
+def _pallas_gpu(q, k, v, segment_ids, causal, in_prefix, interpret) -> Array:
   """jax's Pallas (Triton) flash attention. It takes one segment-id row for queries and keys,
   and as many kv heads as query heads, so grouped kv heads are repeated."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # pylint: disable=import-outside-toplevel
@@ -284,24 +292,23 @@ def _pallas_gpu(q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
   group = num_heads // k.shape[2]
   if group > 1:
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  padded = _pad_for_blocks(q, k, v, segment_ids, PALLAS_GPU_BLOCK)
-  q_p, k_p, v_p = padded[:3]
+  q_p, k_p, v_p, seg_p, prefix_p = _pad_for_blocks(q, k, v, segment_ids, in_prefix, PALLAS_GPU_BLOCK)
   sm_scale = 1.0 / math.sqrt(head_dim)
 
   def run(seg, is_causal):
     return gpu_attention.mha(q_p, k_p, v_p, seg, sm_scale=sm_scale, causal=is_causal, interpret=interpret)
 
-  out = _with_prefix(run, padded[3], causal, prefix_len, q_p.shape[1])
+  out = _with_prefix(run, seg_p, causal, prefix_p)
   return out[:, :seq_len].astype(q.dtype)
 
 
-def _splash(q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
+def _splash(q, k, v, segment_ids, causal, in_prefix, interpret) -> Array:
   """TPU splash attention, one example at a time (vmap), heads first. It does not scale the
   logits itself, so q is scaled here; grouped kv heads are native."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
   batch, seq_len, num_heads, head_dim = q.shape
   q = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
-  q, k, v, segment_ids = _pad_for_blocks(q, k, v, segment_ids, SPLASH_BLOCKS[-1])
+  q, k, v, segment_ids, in_prefix = _pad_for_blocks(q, k, v, segment_ids, in_prefix, SPLASH_BLOCKS[-1])
   padded_len = q.shape[1]
   block = next(b for b in SPLASH_BLOCKS if padded_len % b == 0)
   block_sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -321,7 +328,7 @@ def _splash(q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
       out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=splash.SegmentIds(s, s)))(q_t, k_t, v_t, seg)
     return out.swapaxes(1, 2)
 
-  out = _with_prefix(run, segment_ids, causal, prefix_len, padded_len)
+  out = _with_prefix(run, segment_ids, causal, in_prefix)
   return out[:, :seq_len].astype(q.dtype)
 
 
@@ -337,7 +344,7 @@ def _mesh_axes(logical: str, dim: int, mesh: Mesh | AbstractMesh) -> tuple[str, 
   return tuple(kept) or None
 
 
-def _sharded(kernel, mesh: Mesh | AbstractMesh, q, k, v, segment_ids, causal, prefix_len, interpret) -> Array:
+def _sharded(kernel, mesh: Mesh | AbstractMesh, q, k, v, segment_ids, causal, in_prefix, interpret) -> Array:
   """Runs `kernel` per shard: batch over the `batch` mesh axes, heads over the `heads` ones.
   Kv heads that the head axes do not divide are repeated up to the query heads first."""
   batch, _, num_heads, _ = q.shape
@@ -351,14 +358,14 @@ def _sharded(kernel, mesh: Mesh | AbstractMesh, q, k, v, segment_ids, causal, pr
   if segment_ids is not None:
     args.append(segment_ids)
     specs.append(P(batch_axes, None))
-  if prefix_len is not None:
-    args.append(prefix_len)
-    specs.append(P(batch_axes))
+  if in_prefix is not None:
+    args.append(in_prefix)
+    specs.append(P(batch_axes, None))
 
   def body(q, k, v, *rest):
     rest = list(rest)
     seg = rest.pop(0) if segment_ids is not None else None
-    prefix = rest.pop(0) if prefix_len is not None else None
+    prefix = rest.pop(0) if in_prefix is not None else None
     return kernel(q, k, v, seg, causal, prefix, interpret)
 
   # check_vma=False: pallas_call does not declare how its outputs vary over the mesh.

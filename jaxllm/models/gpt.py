@@ -123,14 +123,15 @@ class GPT(nn.Module):
     return out.astype(jnp.float32)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               segment_ids: Array | None = None, in_prefix: Array | None = None,
                deterministic: bool = True) -> Array:
     """tokens [batch, seq] int; positions [batch, seq] (restart per packed document);
-    segment_ids [batch, seq] (documents never attend across); prefix_len [batch] (prefix-LM)."""
-    return self.head(self.features(tokens, positions, segment_ids, prefix_len, deterministic))
+    segment_ids [batch, seq] (documents never attend across); in_prefix [batch, seq] bool
+    (prefix-LM: each document's prompt, its first tokens, attends both ways)."""
+    return self.head(self.features(tokens, positions, segment_ids, in_prefix, deterministic))
 
   def features(self, tokens: Array, positions: Array | None = None,
-               segment_ids: Array | None = None, prefix_len: Array | None = None,
+               segment_ids: Array | None = None, in_prefix: Array | None = None,
                deterministic: bool = True) -> Array:
     """The final-normed features [batch, seq, d_model] that the output head turns into logits
     (a chunked loss multiplies them by `output_head` piece by piece: jaxllm/losses.py)."""
@@ -145,21 +146,22 @@ class GPT(nn.Module):
            positions + num_virtual], axis=1)
       if segment_ids is not None:  # the prompt belongs to the row's first example
         segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], num_virtual, 1), segment_ids], 1)
-      if prefix_len is not None:
-        prefix_len = prefix_len + num_virtual
+      if in_prefix is not None:  # the soft prompt is prompt: it joins the first example's prefix
+        in_prefix = jnp.concatenate([jnp.ones((batch, num_virtual), bool), in_prefix.astype(bool)], 1)
       seq_len += num_virtual
     prompt = None
     if num_virtual:  # embedded like tokens (position embeddings, embed_norm), as in HF PEFT
       prompt = jnp.broadcast_to(self.prompt(jnp.arange(num_virtual)), (batch, num_virtual, cfg.d_model))
     x = self.embed_tokens(tokens, positions, prompt)
     x = self.dropout(x, deterministic=deterministic)
-    x, _ = self.run_layers(x, positions, Visibility(segment_ids, prefix_len), deterministic)
+    x, _ = self.run_layers(x, positions, Visibility(segment_ids, in_prefix), deterministic)
     x = x[:, num_virtual:]  # virtual positions predict nothing and get no loss
     return self.final_norm(x).astype(cfg.compute_dtype)
 
   def decode(self, tokens: Array, cache: KVCache | tuple[KVCache, ...], cache_index: Array,
              key_positions: Array, key_valid: Array, prefix_embeddings: Array | None = None,
-             head: Array | None = None) -> tuple[Array, KVCache | tuple[KVCache, ...]]:
+             head: Array | None = None, bidirectional: bool = False
+             ) -> tuple[Array, KVCache | tuple[KVCache, ...]]:
     """Runs `tokens` against a preallocated KV cache (prefill: the whole prompt; then one token).
 
     tokens [batch, q_len] fill cache slots cache_index .. cache_index + q_len - 1 (after
@@ -169,7 +171,10 @@ class GPT(nn.Module):
     Returns the float32 logits of the last slot [batch, vocab] and the updated cache.
     head [d_model, vocab], if given, is the output projection laid out for this matmul
     (`output_head`): a decode loop passes it so that XLA does not transpose the tied
-    embedding again at every step. Build the model with remat="none" to call this.
+    embedding again at every step. bidirectional: the q_len new slots see each other both
+    ways (a prefix-LM's prefill: the prompt is its prefix; later steps decode causally over
+    the cache, which is what the full-sequence prefix mask computes). Build the model with
+    remat="none" to call this.
     """
     cfg = self.cfg
     q_len = tokens.shape[1] + (0 if prefix_embeddings is None else prefix_embeddings.shape[1])
@@ -177,7 +182,8 @@ class GPT(nn.Module):
     positions = jax.lax.dynamic_slice_in_dim(key_positions, cache_index, q_len, axis=1)
     x = self.embed_tokens(tokens, positions, prefix_embeddings)
     slots = cache_index + jnp.arange(q_len)
-    causal = jnp.arange(max_len)[None, :] <= slots[:, None]  # [q_len, max_len]
+    last_visible = jnp.full((q_len, 1), cache_index + q_len - 1) if bidirectional else slots[:, None]
+    causal = jnp.arange(max_len)[None, :] <= last_visible  # [q_len, max_len]
     mask = key_valid[:, None, None, :] & causal[None, None]  # [batch, 1, q_len, max_len]
     bias = alibi_bias(cfg.num_heads, positions, key_positions) if cfg.position == "alibi" else None
     x, new_cache = self.run_layers(x, positions, Visibility(slot_mask=mask, slot_bias=bias), True, cache,

@@ -95,10 +95,12 @@ class Visibility(NamedTuple):
 
   Training and prefill carry integer facts only, never a dense mask, so that a fused kernel
   takes them (jaxllm/models/attention.py): segment_ids [batch, seq] (packed documents never
-  attend across) and prefix_len [batch] (prefix-LM). Decoding against a KV cache carries the
-  slot mask [batch, 1, q_len, max_len] and ALiBi's bias over the slots instead."""
+  attend across) and in_prefix [batch, seq] bool (prefix-LM: True on each example's prompt, its
+  first tokens, which see each other both ways; per token, so packed rows hold several prefixes).
+  Decoding against a KV cache carries the slot mask [batch, 1, q_len, max_len] and ALiBi's bias
+  over the slots instead."""
   segment_ids: Array | None = None
-  prefix_len: Array | None = None
+  in_prefix: Array | None = None
   slot_mask: Array | None = None
   slot_bias: Array | None = None
 
@@ -165,7 +167,7 @@ class Attention(nn.Module):
       cache = KVCache(write(cache.k, k), write(cache.v, v))
       out = cached_attention(q, cache, visibility.slot_mask, visibility.slot_bias)
     else:
-      out = attention(q, k, v, segment_ids=visibility.segment_ids, prefix_len=visibility.prefix_len,
+      out = attention(q, k, v, segment_ids=visibility.segment_ids, in_prefix=visibility.in_prefix,
                       causal=self.causal, alibi=cfg.position == "alibi", positions=positions,
                       impl=cfg.attention_impl, mesh=self.mesh)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
