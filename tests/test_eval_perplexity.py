@@ -126,8 +126,8 @@ def test_training_logs_eval_data_like_the_command(tmp_path, tiny_config):
   from jaxllm import train  # pylint: disable=import-outside-toplevel
   held_out = tmp_path / "held_out.txt"
   held_out.write_text("\n".join(eval_models.word_texts(3, seed=5)), encoding="utf-8")
-  config = tiny_config(tmp_path, **{"train.eval_data": [str(held_out)], "train.steps": 3,
-                                    "train.eval_every": 3})
+  config = tiny_config(tmp_path, **{"train.eval_data": [str(held_out)], "train.steps": 2,
+                                    "train.eval_every": 2, "data.val_fraction": 0.0})
   workdir = str(tmp_path / "run")
   train.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
