@@ -58,16 +58,21 @@ class HeldOut:
   scorer: Scorer
   windows: dict[str, sliding_window.Windows]  # metric name -> windows
 
-  @classmethod
-  def build(cls, config: Any, model_cfg: Any, mesh: jax.sharding.Mesh, tokenizer: Any) -> "HeldOut":
+  @staticmethod
+  def read(config: Any) -> dict[str, Any]:
+    """Metric name -> documents of each file, read first: a bad path fails before any work."""
     paths = list(config.train.eval_data)
-    documents = [sliding_window.load_eval_documents(p, config.data.field, flag="train.eval_data:")
-                 for p in paths]  # every path checked before anything compiles
-    scorer = Scorer(model_cfg, mesh, config.train.batch_size)
+    return {name: sliding_window.load_eval_documents(path, config.data.field, flag="train.eval_data:")
+            for name, path in zip(sliding_window.source_names(paths), paths)}
+
+  @classmethod
+  def build(cls, config: Any, model_cfg: Any, mesh: jax.sharding.Mesh, tokenizer: Any,
+            documents: dict[str, Any]) -> "HeldOut":
     seq_len = config.data.seq_len
-    return cls(scorer, {name: sliding_window.prepare(tokenizer, docs, seq_len, max(seq_len // 2, 1),
-                                                     config.train.eval_data_max_chars)
-                        for name, docs in zip(sliding_window.source_names(paths), documents)})
+    return cls(Scorer(model_cfg, mesh, config.train.batch_size),
+               {name: sliding_window.prepare(tokenizer, docs, seq_len, max(seq_len // 2, 1),
+                                             config.train.eval_data_max_chars)
+                for name, docs in documents.items()})
 
   def evaluate(self, params: Any) -> dict[str, float]:
     metrics = {}
@@ -136,8 +141,9 @@ def start(config: Any, workdir: str) -> Run:
   workdir_lib.check_resumable(config, workdir)
   with workdir_lib.StartGuard(workdir):
     checkpoint.ensure_writable(workdir)
+    held_out_docs = HeldOut.read(config) if config.train.eval_data else None
     data = build_task_data(config, workdir)
-    held_out = HeldOut.build(config, model_cfg, mesh, data.tokenizer) if config.train.eval_data else None
+    held_out = held_out_docs and HeldOut.build(config, model_cfg, mesh, data.tokenizer, held_out_docs)
     setup = make_setup(config, model_cfg, mesh)
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
     run = Run(config, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
