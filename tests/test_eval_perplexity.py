@@ -25,12 +25,15 @@ def model(tmp_path_factory):
   jax_dir, hf_dir = eval_models.build(str(root))
   texts = eval_models.word_texts(6, seed=1, min_words=3, max_words=70)
   with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
-    for text in texts[:4]:
+    for text in texts[:2]:
       f.write(json.dumps({"text": text}) + "\n")
+  datasets = pytest.importorskip("datasets")
+  datasets.Dataset.from_dict({"text": texts[2:4]}).save_to_disk(str(root / "saved"))
   (root / "notes").mkdir()
   for i, text in enumerate(texts[4:]):
     (root / "notes" / f"{i}.txt").write_text("caf\u00e9 " + text, encoding="utf-8")  # 2-byte UTF-8 too
   return {"jax": jax_dir, "hf": hf_dir, "jsonl": str(root / "docs.jsonl"), "notes": str(root / "notes"),
+          "saved": str(root / "saved"),
           "texts": texts[:4] + ["caf\u00e9 " + t for t in texts[4:]]}
 
 
@@ -70,7 +73,7 @@ def run_eval(args, out_dir) -> dict:
 
 @pytest.mark.parametrize("stride,mesh", [(SEQ_LEN, "-1,1,1"), (12, "2,2,2")])
 def test_equals_the_transformers_strided_loop(model, tmp_path, capsys, stride, mesh):
-  report = run_eval(["--checkpoint", model["jax"], "--data", model["jsonl"], model["notes"],
+  report = run_eval(["--checkpoint", model["jax"], "--data", model["jsonl"], model["saved"], model["notes"],
                      "--seq-len", str(SEQ_LEN), "--stride", str(stride), "--batch-size", "3",
                      f"--mesh={mesh}"], tmp_path)
   nll_sum, count = guide_loop(model["hf"], model["texts"], SEQ_LEN, stride)
@@ -81,11 +84,11 @@ def test_equals_the_transformers_strided_loop(model, tmp_path, capsys, stride, m
   num_bytes = sum(len(t.encode("utf-8")) for t in model["texts"])
   assert report["num_bytes"] == num_bytes
   np.testing.assert_allclose(report["bits_per_byte"], nll_sum / math.log(2) / num_bytes, rtol=1e-4)
-  jsonl = report["sources"]["docs"]
-  jsonl_nll, jsonl_count = guide_loop(model["hf"], model["texts"][:4], SEQ_LEN, stride)
-  assert (jsonl["num_documents"], jsonl["num_tokens"]) == (4, jsonl_count)
-  np.testing.assert_allclose(jsonl["nll"], jsonl_nll / jsonl_count, rtol=1e-4)
-  assert report["sources"]["notes"]["num_documents"] == 2
+  for name, texts in (("docs", model["texts"][:2]), ("saved", model["texts"][2:4]), ("notes", model["texts"][4:])):
+    source_nll, source_count = guide_loop(model["hf"], texts, SEQ_LEN, stride)
+    source = report["sources"][name]
+    assert (source["num_documents"], source["num_tokens"]) == (2, source_count)
+    np.testing.assert_allclose(source["nll"], source_nll / source_count, rtol=1e-4)
   summary = capsys.readouterr().out.strip().splitlines()
   assert len(summary) == 1 and summary[0].startswith(f"perplexity {report['perplexity']:.4f}")
 
@@ -97,16 +100,6 @@ def test_windows_score_every_token_once():
       assert targets == list(range(1, num_tokens))
     else:  # disjoint windows: each window's first token is context only
       assert targets == [t for t in range(1, num_tokens) if t % seq_len]
-
-
-def test_a_saved_dataset_directory_is_read(model, tmp_path):
-  datasets = pytest.importorskip("datasets")
-  datasets.Dataset.from_dict({"text": model["texts"][:4]}).save_to_disk(str(tmp_path / "ds"))
-  args = ["--checkpoint", model["jax"], "--seq-len", str(SEQ_LEN), "--stride", "16", "--mesh=-1,1,1"]
-  from_disk = run_eval(args + ["--data", str(tmp_path / "ds")], tmp_path / "a")
-  from_jsonl = run_eval(args + ["--data", model["jsonl"]], tmp_path / "b")
-  assert from_disk["num_tokens"] == from_jsonl["num_tokens"]
-  np.testing.assert_allclose(from_disk["nll"], from_jsonl["nll"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -136,3 +129,15 @@ def test_training_logs_eval_data_like_the_command(tmp_path, tiny_config):
                      "--stride", str(config.data.seq_len // 2), "--mesh=-1,1,1"], tmp_path / "eval")
   np.testing.assert_allclose(last["eval_data/held_out_ppl"], report["perplexity"], rtol=1e-4)
   np.testing.assert_allclose(last["eval_data/held_out_bpb"], report["bits_per_byte"], rtol=1e-4)
+
+
+def test_the_command_runs_in_a_subprocess(model, tmp_path):
+  pytest.importorskip("jaxllm.eval.humaneval", reason="the dispatcher imports every subcommand module")
+  from tests.helpers import run_cli  # pylint: disable=import-outside-toplevel
+  result = run_cli("jaxllm.eval", "perplexity", "--checkpoint", model["jax"], "--data", model["jsonl"],
+                   "--seq-len", str(SEQ_LEN), "--output-path", str(tmp_path), timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("perplexity "), result.stdout
+  with open(tmp_path / "perplexity.json", encoding="utf-8") as f:
+    assert json.load(f)["stride"] == SEQ_LEN // 2
