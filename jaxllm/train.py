@@ -141,9 +141,9 @@ def start(config: Any, workdir: str) -> Run:
   workdir_lib.check_resumable(config, workdir)
   with workdir_lib.StartGuard(workdir):
     checkpoint.ensure_writable(workdir)
-    held_out_docs = HeldOut.read(config) if config.train.eval_data else None
+    held_out_docs = HeldOut.read(config) if config.train.eval_data else {}
     data = build_task_data(config, workdir)
-    held_out = held_out_docs and HeldOut.build(config, model_cfg, mesh, data.tokenizer, held_out_docs)
+    held_out = HeldOut.build(config, model_cfg, mesh, data.tokenizer, held_out_docs) if held_out_docs else None
     setup = make_setup(config, model_cfg, mesh)
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
     run = Run(config, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
