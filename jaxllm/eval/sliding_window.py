@@ -111,7 +111,8 @@ def prepare(tokenizer: Any, documents: Sequence[str], seq_len: int, stride: int,
     if len(text) > chars_left:
       text = text[:int(chars_left)]
     chars_left -= len(text)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: no "longer than the model's maximum" warning; the windows take care of that.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if start_id is not None:
       ids = [start_id] + ids
     for begin, end, num_scored in strided_windows(len(ids), seq_len, stride):
