@@ -145,16 +145,16 @@ def load_eval_documents(path: str, field: str = "text", flag: str = "--data") ->
   record; .jsonl/.json files) or text (one document per file); a folder or a glob of files."""
   if not any(ch in path for ch in "*?[") and not os.path.exists(path):
     raise DataError(f"{flag} {path}: no such file or directory.")
-  if os.path.isdir(path) and any(os.path.exists(os.path.join(path, marker))
-                                 for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
-    source = "hf_disk"
-  elif all(p.endswith((".jsonl", ".json")) for p in expand_paths(path)):
-    source = "jsonl"
-  else:
-    source = "text"
-  data_cfg = ml_collections.ConfigDict(dict(source=source, path=path, field=field, max_chars=0,
-                                            on_bad_record="skip", text_unit="file", hf_split="train"))
   try:
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, marker))
+                                   for marker in ("dataset_info.json", "dataset_dict.json", "state.json")):
+      source = "hf_disk"
+    elif all(p.endswith((".jsonl", ".json")) for p in expand_paths(path)):
+      source = "jsonl"
+    else:
+      source = "text"
+    data_cfg = ml_collections.ConfigDict(dict(source=source, path=path, field=field, max_chars=0,
+                                              on_bad_record="skip", text_unit="file", hf_split="train"))
     return load_documents(data_cfg, DataStats("skip"))
   except DataError as e:
     raise DataError(f"{flag} {path}: {e}") from e
