@@ -85,6 +85,11 @@ def default_config() -> ml_collections.ConfigDict:
       wandb_project="", wandb_entity="",  # entity "" = the W&B account's default
       wandb_run_name="",      # "" = the workdir's name
       wandb_tags="",          # comma-separated, e.g. "quickstart,cpu"
+      # Held-out files (text, .jsonl or datasets dirs) scored at every eval step with the
+      # sliding-window perplexity of `python -m jaxllm.eval perplexity` (window data.seq_len,
+      # stride half of it): metrics eval_data/<name>_ppl and _bpb. At most eval_data_max_chars
+      # characters of each are read, so the cost is bounded (0 = all).
+      eval_data=(), eval_data_max_chars=50_000,
       # A step with non-finite gradients (or loss) never updates the parameters; it is counted
       # (metrics nonfinite_in_a_row / nonfinite_total). "skip": go on, but stop (exit 3) after
       # max_nonfinite_in_a_row such steps in a row (0 = never); "stop": stop at the first one.

@@ -66,6 +66,9 @@ class MetricsWriter:
       self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
       if "eval_loss" in clean:
         self._bar.write(f"step {step}: eval_loss {clean['eval_loss']:.4f}  eval_ppl {clean['eval_ppl']:.2f}")
+      held_out = {k: v for k, v in clean.items() if k.startswith("eval_data/")}  # train.eval_data
+      if held_out:
+        self._bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in held_out.items()))
 
   def advance(self, step: int) -> None:
     if self._bar is not None:

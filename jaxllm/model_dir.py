@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jaxllm import checkpoint, optim
+from jaxllm.errors import CheckpointError
 from jaxllm.models import ModelConfig, abstract_params
+from jaxllm.sharding import logical_shardings
 
 
 def base_params(path: str, abstract: Any, model: Any) -> Any:
@@ -86,3 +88,18 @@ def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = No
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(state_dir, {"params": params}, force=True)
   checkpoint.write_json(os.path.join(path, "config.json"), run_config)
+
+
+def load_with_tokenizer(path: str, mesh: Any) -> tuple[ModelConfig, Any, Any]:
+  """(ModelConfig, params placed on `mesh`, tokenizer) for a command that reads and writes text
+  (generate, eval); a missing directory or tokenizer is a CheckpointError naming the fix."""
+  if not path:
+    raise CheckpointError("--checkpoint DIR is required (a training workdir or converted model).")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"--checkpoint {path}: no such directory; give a training workdir or a "
+                          "model directory written by `python -m jaxllm.convert from-hf`.")
+  cfg, params, tokenizer = load_model_dir(path, shardings=lambda boxed: logical_shardings(boxed, mesh))
+  if tokenizer is None:
+    raise CheckpointError(f"{path} has no tokenizer/ directory; save the tokenizer there "
+                          "(training and `convert from-hf` do).")
+  return cfg, params, tokenizer

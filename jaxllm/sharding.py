@@ -8,6 +8,7 @@ that are not a multiple of the tensor axis), so any model runs on any mesh.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import flax.linen as nn
@@ -73,6 +74,15 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
   except (AssertionError, ValueError, NotImplementedError):
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
+
+
+def mesh_from_flag(spec: str, flag: str = "--mesh") -> Mesh:
+  """The mesh of a command's `--mesh DATA,FSDP,TENSOR` flag (such as 1,1,-1)."""
+  try:
+    data, fsdp, tensor = (int(x) for x in spec.split(","))
+  except ValueError as e:
+    raise ConfigError(f"{flag} {spec!r}: expected three integers DATA,FSDP,TENSOR such as 1,1,-1.") from e
+  return make_mesh(SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor))
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

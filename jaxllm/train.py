@@ -25,6 +25,8 @@ from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
 from jaxllm.config import validate
 from jaxllm.data.pipeline import restore_iterator, saved_position
 from jaxllm.data.task import TaskData, build_task_data
+from jaxllm.eval import sliding_window
+from jaxllm.eval.scoring import Scorer
 from jaxllm.generate import SamplingConfig, fit_prompt, generate
 from jaxllm.metrics import MetricsWriter, perplexity
 from jaxllm.models.attention import AttentionFeatures, resolve_impl
@@ -48,6 +50,37 @@ def evaluate(jit_eval, state, val_batches, mesh) -> dict[str, float]:
   loss = sum(float(s["loss_sum"]) for s in sums) / weight
   accuracy = sum(float(s["correct_sum"]) for s in sums) / weight
   return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_accuracy": accuracy}
+
+
+@dataclasses.dataclass
+class HeldOut:
+  """`train.eval_data`: the files' windows, made once at start, and the scorer they go through."""
+  scorer: Scorer
+  windows: dict[str, sliding_window.Windows]  # metric name -> windows
+
+  @staticmethod
+  def read(config: Any) -> dict[str, Any]:
+    """Metric name -> documents of each file, read first: a bad path fails before any work."""
+    paths = list(config.train.eval_data)
+    return {name: sliding_window.load_eval_documents(path, config.data.field, flag="train.eval_data:")
+            for name, path in zip(sliding_window.source_names(paths), paths)}
+
+  @classmethod
+  def build(cls, config: Any, model_cfg: Any, mesh: jax.sharding.Mesh, tokenizer: Any,
+            documents: dict[str, Any]) -> "HeldOut":
+    seq_len = config.data.seq_len
+    return cls(Scorer(model_cfg, mesh, config.train.batch_size),
+               {name: sliding_window.prepare(tokenizer, docs, seq_len, max(seq_len // 2, 1),
+                                             config.train.eval_data_max_chars)
+                for name, docs in documents.items()})
+
+  def evaluate(self, params: Any) -> dict[str, float]:
+    metrics = {}
+    for name, windows in self.windows.items():
+      result = sliding_window.evaluate(self.scorer, params, windows)
+      metrics[f"eval_data/{name}_ppl"] = result.perplexity
+      metrics[f"eval_data/{name}_bpb"] = result.bits_per_byte
+    return metrics
 
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
@@ -86,6 +119,7 @@ class Run:
   state: Any                # TrainState
   start_step: int
   by_reference: bool        # checkpoints hold only the trainable part (the rest is init_from's)
+  held_out: HeldOut | None = None  # train.eval_data
 
   def checkpointable(self, state):
     return state.replace(frozen={}) if self.by_reference else state
@@ -108,11 +142,13 @@ def start(config: Any, workdir: str) -> Run:
   workdir_lib.check_resumable(config, workdir)
   with workdir_lib.StartGuard(workdir):
     checkpoint.ensure_writable(workdir)
+    held_out_docs = HeldOut.read(config) if config.train.eval_data else {}
     data = build_task_data(config, workdir)
+    held_out = HeldOut.build(config, model_cfg, mesh, data.tokenizer, held_out_docs) if held_out_docs else None
     setup = make_setup(config, model_cfg, mesh)
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
     run = Run(config, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
-              peft.frozen_by_reference(config))
+              peft.frozen_by_reference(config), held_out)
     try:
       abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
       restored = checkpoint.restore(manager, run.checkpointable(abstract))
@@ -216,7 +252,8 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
     preempted = watcher.reached(step)
     is_last = step == config.train.steps or preempted
     save_now = step % config.train.checkpoint_every == 0 or is_last
-    eval_now = bool(r.data.val_batches) and (step % config.train.eval_every == 0 or step == config.train.steps)
+    eval_now = (bool(r.data.val_batches) or r.held_out is not None) and (
+        step % config.train.eval_every == 0 or step == config.train.steps)
     # An eval step is a log step too, so eval_every need not be a multiple of log_every.
     log_now = step % config.train.log_every == 0 or eval_now or is_last
     if not (log_now or save_now):
@@ -233,8 +270,10 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
       last.update({k: int(pending[-1][k]) for k in faults.COUNTERS if k in pending[-1]})
       pending.clear()
       first_pending = step + 1
-      if eval_now and not fault:
+      if eval_now and not fault and r.data.val_batches:
         last.update(evaluate(jit_eval, state, r.data.val_batches, mesh))
+      if eval_now and not fault and r.held_out is not None:
+        last.update(r.held_out.evaluate(merge_params(state.params, state.frozen)))
       writer.write(step, last)
       writer.advance(step)
       window_start, window_steps = time.perf_counter(), 0

@@ -18,16 +18,15 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from jaxllm import progress
-from jaxllm.model_dir import load_model_dir, trained_prefix_lm
+from jaxllm.model_dir import load_with_tokenizer, trained_prefix_lm
 from jaxllm.cli import ArgumentParser, run_command
 from jaxllm.generate import Generator, decode_chunk, layout, prefill
 from jaxllm.models import GPT, ModelConfig
 from jaxllm.sampling import GenerationError, SamplingConfig
-from jaxllm.sharding import logical_shardings, make_mesh
+from jaxllm.sharding import mesh_from_flag
 
 
 def _parse_args(argv: Sequence[str] | None):
@@ -79,14 +78,6 @@ def _read_prompts(args) -> list[str]:
   return prompts
 
 
-def _mesh(spec: str) -> jax.sharding.Mesh:
-  try:
-    data, fsdp, tensor = (int(x) for x in spec.split(","))
-  except ValueError as e:
-    raise GenerationError(f"--mesh {spec!r}: expected three integers DATA,FSDP,TENSOR such as 1,1,-1.") from e
-  return make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))
-
-
 def run_cli(args) -> None:
   if not args.checkpoint:
     raise GenerationError("--checkpoint DIR is required (a training workdir or converted model).")
@@ -98,12 +89,8 @@ def run_cli(args) -> None:
                             top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty)
   texts = _read_prompts(args)
-  mesh = _mesh(args.mesh)
-  cfg, params, tokenizer = load_model_dir(args.checkpoint,
-                                          shardings=lambda boxed: logical_shardings(boxed, mesh))
-  if tokenizer is None:
-    raise GenerationError(f"{args.checkpoint} has no tokenizer/ directory; save the tokenizer there "
-                          "(training and `convert from-hf` do).")
+  mesh = mesh_from_flag(args.mesh)
+  cfg, params, tokenizer = load_with_tokenizer(args.checkpoint, mesh)
   sampling = dataclasses.replace(sampling, eos_id=tokenizer.eos_token_id)
   start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
   prompts = []
