@@ -11,7 +11,8 @@ from tests.helpers import REPO_ROOT
 
 PACKAGE = os.path.join(REPO_ROOT, "jaxllm")
 COMMANDS = {"jaxllm.train", "jaxllm.bench", "jaxllm.generate.__main__", "jaxllm.fill_mask",
-            "jaxllm.convert.__main__", "jaxllm.convert_peft", "jaxllm.plot"}
+            "jaxllm.convert.__main__", "jaxllm.convert_peft", "jaxllm.plot", "jaxllm.eval.__main__",
+            "jaxllm.eval.humaneval"}
 
 
 def import_graph() -> dict[str, set[str]]:
