@@ -49,15 +49,17 @@ for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_FSIZE,
 source = io.open(program_path, encoding="utf-8").read()
 write_verdict = io.open(verdict_path, "w", encoding="utf-8").write
 
-import _socket, os, shutil, socket, subprocess
+import _socket, os, posix, shutil, socket, subprocess
 def _disabled(*args, **kwargs):
   raise PermissionError("disabled in the jaxllm sandbox")
+os_names = ("system", "fork", "forkpty", "kill", "killpg", "putenv", "remove", "unlink", "rmdir",
+            "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown",
+            "fchown", "lchown", "chroot", "setuid", "execv", "execve", "spawnv", "posix_spawn",
+            "posix_spawnp")
 for module, names in (
     (socket, ("socket", "socketpair", "create_connection", "create_server", "fromfd", "getaddrinfo")),
     (_socket, ("socket", "socketpair")),
-    (os, ("system", "fork", "forkpty", "kill", "killpg", "putenv", "remove", "unlink", "rmdir",
-          "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod", "chown",
-          "fchown", "lchown", "chroot", "setuid", "execv", "execve", "spawnv", "posix_spawn")),
+    (os, os_names), (posix, os_names),  # posix: the functions os re-exports
     (shutil, ("rmtree", "move", "chown")),
     (subprocess, ("Popen", "run", "call", "check_call", "check_output", "getoutput"))):
   for name in names:
@@ -178,7 +180,11 @@ def _verdict(path: str, returncode: int, timed_out: bool) -> str:
   if verdict:
     return verdict
   if returncode < 0:
-    return f"failed: killed by {signal.Signals(-returncode).name}"
+    try:
+      name = signal.Signals(-returncode).name
+    except ValueError:
+      name = f"signal {-returncode}"
+    return f"failed: killed by {name}"
   # os._exit, or the interpreter itself failed before the program ran.
   return f"failed: exited with status {returncode} before its tests finished"
 
