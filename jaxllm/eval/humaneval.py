@@ -33,22 +33,28 @@ SAMPLES_FILE = "humaneval_samples.jsonl"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   source = p.add_argument_group("what to score (one of)")
-  source.add_argument("--checkpoint", help="model directory to sample from: a training workdir or "
-                      "one written by `python -m jaxllm.convert from-hf`")
-  source.add_argument("--completions", help="score these completions instead of sampling: JSONL "
-                      "lines of {\"task_id\": \"HumanEval/0\", \"completion\": \"...\"}")
-  p.add_argument("--samples", type=int, default=1, help="completions per problem (n of pass@k)")
-  p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
-  p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--batch-size", type=int, default=16, help="completions sampled per call")
-  p.add_argument("--limit", type=int, help="only the first N problems (of those in --completions)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--timeout", type=float, default=3.0, help="seconds each program may run")
-  p.add_argument("--memory-mb", type=int, default=1024, help="address space each program may use")
-  p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="programs run at once")
-  p.add_argument("--mesh", default="1,1,-1", help="DATA,FSDP,TENSOR device mesh (-1 = the rest)")
-  p.add_argument("--output-path", help="directory for humaneval_results.json and humaneval_samples.jsonl")
+  source.add_argument("--checkpoint", metavar="DIR", help="model directory to sample from: a training "
+                      "workdir or one written by `python -m jaxllm.convert from-hf`")
+  source.add_argument("--completions", metavar="FILE", help="score these completions instead of sampling: "
+                      "JSONL lines of {\"task_id\": \"HumanEval/0\", \"completion\": \"...\"}")
+  p.add_argument("--samples", metavar="K", type=int, default=1, help="completions per problem (n of pass@k)")
+  p.add_argument("--temperature", metavar="T", type=float, default=0.2, help="0 = greedy")
+  p.add_argument("--top-p", metavar="P", type=float, default=0.95, help="1 = off")
+  p.add_argument("--max-new-tokens", metavar="N", type=int, default=256)
+  p.add_argument("--batch-size", metavar="N", type=int, default=16, help="completions sampled per call")
+  p.add_argument("--limit", metavar="N", type=int,
+                 help="only the first N problems (of those in --completions)")
+  p.add_argument("--seed", metavar="S", type=int, default=0)
+  p.add_argument("--timeout", metavar="SECONDS", type=float, default=3.0,
+                 help="wall-clock seconds each program may run")
+  p.add_argument("--memory-mb", metavar="MB", type=int, default=1024,
+                 help="address space each program may use")
+  p.add_argument("--workers", metavar="N", type=int, default=os.cpu_count() or 1,
+                 help="programs run at once")
+  p.add_argument("--mesh", metavar="D,F,T", default="1,1,-1",
+                 help="DATA,FSDP,TENSOR device mesh (-1 = the rest)")
+  p.add_argument("--output-path", metavar="DIR",
+                 help="directory for humaneval_results.json and humaneval_samples.jsonl")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -73,7 +79,9 @@ def run(args: argparse.Namespace) -> None:
   figures = " ".join(f"{k}={v:.4f}" for k, v in scores.items())
   fewest, most = min(n for n, _ in counts.values()), max(n for n, _ in counts.values())
   per_problem = str(fewest) if fewest == most else f"{fewest} to {most}"
-  timing = f"scored in {scoring_s:.1f}s" + ("" if args.completions else f" after {sampling_s:.1f}s of sampling")
+  timing = f"scored in {scoring_s:.1f}s"
+  if not args.completions:
+    timing += f" after {sampling_s:.1f}s of sampling"
   print(f"humaneval: {figures} over {len(task_ids)} problems, {len(records)} samples ({per_problem} "
         f"per problem, {sum(passed.values())} passed), {timing}")
   if args.output_path:
@@ -84,7 +92,8 @@ def _check_args(args: argparse.Namespace) -> None:
   if bool(args.checkpoint) == bool(args.completions):
     raise ConfigError("give either --checkpoint DIR (sample completions from a model) or "
                       "--completions FILE.jsonl (score completions made elsewhere), not both.")
-  rules = ((args.samples >= 1, "--samples", "at least 1"), (args.batch_size >= 1, "--batch-size", "at least 1"),
+  rules = ((args.samples >= 1, "--samples", "at least 1"),
+           (args.batch_size >= 1, "--batch-size", "at least 1"),
            (args.limit is None or args.limit >= 1, "--limit", "at least 1"),
            (args.timeout > 0, "--timeout", "above 0"), (args.memory_mb >= 64, "--memory-mb", "at least 64"),
            (args.workers >= 1, "--workers", "at least 1"),
@@ -155,9 +164,11 @@ def sample_completions(args: argparse.Namespace, problems: list[dict[str, Any]])
   try:
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   except ValueError as e:
-    raise ConfigError(f"--mesh {args.mesh!r}: expected three integers DATA,FSDP,TENSOR such as 1,1,-1.") from e
+    raise ConfigError(f"--mesh {args.mesh!r}: expected three integers DATA,FSDP,TENSOR "
+                      "such as 1,1,-1.") from e
   mesh = make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))
-  cfg, params, tokenizer = load_model_dir(args.checkpoint, shardings=lambda boxed: logical_shardings(boxed, mesh))
+  cfg, params, tokenizer = load_model_dir(args.checkpoint,
+                                          shardings=lambda boxed: logical_shardings(boxed, mesh))
   if tokenizer is None:
     raise ConfigError(f"{args.checkpoint} has no tokenizer/ directory; save the tokenizer there "
                       "(training and `convert from-hf` do).")
@@ -214,7 +225,8 @@ def score(problems: dict[str, Any], samples: dict[str, list[str]], args: argpars
 def _write_outputs(args, scores, counts, records, sampling_s: float, scoring_s: float) -> None:
   settings = {k: v for k, v in vars(args).items() if k not in ("command", "output_path")}
   if args.completions:  # sampling settings did not apply
-    settings = {k: v for k, v in settings.items() if k in ("completions", "limit", "timeout", "memory_mb", "workers")}
+    kept = ("completions", "limit", "timeout", "memory_mb", "workers")
+    settings = {k: v for k, v in settings.items() if k in kept}
   else:
     settings["stop_sequences"] = list(STOP_SEQUENCES)
   settings["network_isolation"] = sandbox.network_isolation()

@@ -39,7 +39,8 @@ from typing import Callable, Sequence
 # the verdict where the program is unlikely to touch it (outside its working directory).
 _BOOTSTRAP = r'''
 import builtins, io, resource, sys, traceback
-program_path, verdict_path, memory_bytes, file_bytes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+program_path, verdict_path = sys.argv[1:3]
+memory_bytes, file_bytes = int(sys.argv[3]), int(sys.argv[4])
 for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_FSIZE, file_bytes),
                      (resource.RLIMIT_CORE, 0)):
   try:
