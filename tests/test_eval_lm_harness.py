@@ -24,14 +24,6 @@ TASKS = ["jaxllm_tiny_choice", "jaxllm_tiny_gen", "jaxllm_tiny_rolling"]
 def model(tmp_path_factory):
   os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
   jax_dir, hf_dir = eval_models.build(str(tmp_path_factory.mktemp("lm_eval")))
-  # to-hf's generation_config.json sets max_new_tokens, which transformers lets win over the
-  # max_length lm-eval asks for (context + max_gen_toks): without it, HF generates what the task says.
-  config_path = os.path.join(hf_dir, "generation_config.json")
-  with open(config_path, encoding="utf-8") as f:
-    generation_config = json.load(f)
-  generation_config.pop("max_new_tokens", None)
-  with open(config_path, "w", encoding="utf-8") as f:
-    json.dump(generation_config, f)
   import lm_eval.tasks  # pylint: disable=import-outside-toplevel
   # batch_size 1: each request alone, so the comparison also covers jaxllm's batching and padding.
   reference = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32,device=cpu",

@@ -66,7 +66,8 @@ def test_generation_config_holds_eos_and_pad_and_the_generate_defaults(run, tmp_
   assert generation.eos_token_id == tokenizer.eos_token_id is not None
   assert generation.pad_token_id == tokenizer.pad_token_id is not None
   assert generation.temperature == GENERATE_DEFAULTS["temperature"] and generation.top_k == 0
-  assert generation.max_new_tokens == 16  # learned positions: half of max_seq_len=32 leaves room for a prompt
+  # A cap on the whole sequence, not max_new_tokens (which would override a caller's max_length).
+  assert generation.max_length == 32 and generation.max_new_tokens is None
 
 
 def test_generate_defaults_are_the_jaxllm_generate_commands():

@@ -49,8 +49,11 @@ def write_generation_config(hf_dir: str, tokenizer: Any, cfg: ModelConfig) -> di
   from transformers import GenerationConfig  # pylint: disable=import-outside-toplevel
   ids = special_ids(tokenizer, cfg.vocab_size)
   settings = dict(GENERATE_DEFAULTS)
-  if cfg.position == "learned":  # no positions past max_seq_len: leave room for a prompt
-    settings["max_new_tokens"] = min(settings["max_new_tokens"], cfg.max_seq_len // 2)
+  # The length is a cap on the whole sequence (the context the model trained on), never
+  # max_new_tokens: transformers lets a saved max_new_tokens win over the max_length a caller
+  # passes (lm-eval's hf backend does), so a saved one would override every caller's length.
+  del settings["max_new_tokens"]
+  settings["max_length"] = cfg.max_seq_len
   GenerationConfig(**ids, **settings).save_pretrained(hf_dir)
   return ids
 
