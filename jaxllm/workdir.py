@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from jaxllm import optim
 from jaxllm.errors import ConfigError
 
 # Model keys that say how to run a model, not what it is: a resumed run may change them.
@@ -68,7 +69,8 @@ def check_resumable(config: Any, workdir: str) -> None:
   saved_model, new_model = saved.get("model", {}), new.get("model", {})
   changed += _changes(saved_model, new_model, [k for k in new_model if k not in RUNTIME_MODEL_KEYS], "model")
   changed += _changes(saved.get("data", {}), new.get("data", {}), STREAM_DATA_KEYS, "data")
-  if saved.get("init_from", "") != new.get("init_from", "") and saved.get("train", {}).get("trainable"):
+  by_reference = optim.trainable_pattern({"train": saved.get("train", {}), "model": saved_model})
+  if saved.get("init_from", "") != new.get("init_from", "") and by_reference:
     changed.append(f"init_from={new.get('init_from')!r} (the run has {saved.get('init_from')!r})")
   if changed:
     raise ConfigError(f"--workdir {workdir} holds a run with another config: {changed[0]}"
