@@ -196,7 +196,7 @@ def from_peft(adapter_dir: str) -> tuple[np.ndarray, dict]:
   with open(config_path, encoding="utf-8") as f:
     peft_config = json.load(f)
   if peft_config.get("peft_type") != "PROMPT_TUNING":
-    raise ConvertError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING "
+    raise ConvertError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING and LORA "
                        "adapters are supported.")
   weights = os.path.join(adapter_dir, PEFT_WEIGHTS)
   if not os.path.isfile(weights):

@@ -1,0 +1,218 @@
+"""LoRA: the layer, training on the frozen split, PEFT adapters both ways, merged export, int8 bases.
+
+Tiny random Hugging Face models of each family are made on the spot (no downloads) and imported
+with `convert from-hf`; PEFT (torch CPU) is the reference for the adapted logits.
+"""
+
+import dataclasses
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxllm import model_dir
+from jaxllm.config import ConfigError
+from jaxllm.convert import from_hf
+from jaxllm.models import ModelConfig, build_model, stacking
+from jaxllm.models.lora import LORA_A, LORA_B
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft_lib = pytest.importorskip("peft")
+
+VOCAB, D_MODEL, LAYERS, HEADS = 96, 32, 2, 4
+
+# family -> (HF config, the HF modules PEFT adapts, as a regex over full module names)
+HF_FAMILIES = {
+    "gpt2": (lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=D_MODEL, n_layer=LAYERS, n_head=HEADS, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2), r".*\.(c_attn|c_proj|c_fc)"),
+    "llama": (lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=False, initializer_range=0.2),
+        r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"),
+    "bloom": (lambda: transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, n_layer=LAYERS, n_head=HEADS, initializer_range=0.2),
+        r".*\.(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)"),
+    "bert": (lambda: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, initializer_range=0.2), r".*encoder.*\.(query|key|value|dense)"),
+}
+
+
+def hf_model(family: str, hf_dir: str | None = None):
+  """A random tiny HF model of `family` (the same weights every call), saved to hf_dir if given."""
+  config, _ = HF_FAMILIES[family]
+  torch.manual_seed(0)
+  cls = transformers.BertForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+  model = (cls(config()) if family == "bert" else cls.from_config(config())).eval()
+  if hf_dir:
+    model.save_pretrained(hf_dir)
+  return model
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+  """family -> jaxllm model directory imported from the tiny HF model (made lazily)."""
+  root = tmp_path_factory.mktemp("lora_bases")
+  made = {}
+
+  def get(family):
+    if family not in made:
+      hf_dir, out = os.path.join(root, f"{family}_hf"), os.path.join(root, family)
+      hf_model(family, hf_dir)
+      from_hf(hf_dir, out)
+      made[family] = out
+    return made[family]
+  return get
+
+
+def jax_logits(run_dir: str, ids: np.ndarray) -> np.ndarray:
+  cfg, params, _ = model_dir.load_model_dir(run_dir)
+  return np.asarray(build_model(cfg).apply({"params": params}, jnp.asarray(ids)))
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def random_lora_run(base_dir: str, run_dir: str, seed: int, **lora) -> ModelConfig:
+  """A LoRA run directory on `base_dir` holding random adapters (B non-zero), as training leaves one."""
+  run_config = model_dir.checkpoint.read_run_config(base_dir)
+  run_config["model"].update(dict(lora_rank=4, lora_alpha=8.0), **lora)
+  run_config["init_from"] = base_dir
+  run_config.setdefault("train", {})["trainable"] = ""
+  cfg = ModelConfig.from_config(run_config["model"])
+  params = build_model(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+  flat = traverse_util.flatten_dict(jax.device_get(params))
+  rng = np.random.default_rng(seed)
+  adapters = {k: rng.normal(0, 0.5, np.shape(v.unbox() if hasattr(v, "unbox") else v)).astype(np.float32)
+              for k, v in flat.items() if k[-1] in (LORA_A, LORA_B)}
+  model_dir.save_model_dir(run_dir, run_config, traverse_util.unflatten_dict(adapters))
+  return cfg
+
+
+def _no_peft_warnings(record) -> None:
+  messages = [str(w.message) for w in record]
+  assert not [m for m in messages if any(s in m.lower() for s in ("missing", "unexpected", "fan_in_fan_out",
+                                                                  "adapter", "lora"))], messages
+
+
+IDS = np.random.default_rng(7).integers(0, VOCAB, (2, 12))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bloom", "bert"])
+def test_jaxllm_adapter_loads_in_peft_and_a_peft_adapter_loads_here(tmp_path, bases, family):
+  from jaxllm.convert.__main__ import main as convert_main
+  base_dir = bases(family)
+  # jaxllm -> PEFT. On GPT-2 only some of the fused c_attn's parts and only the MLP's c_proj (not
+  # the attention's, of the same name) are adapted, so block structure and module names must be right.
+  targets = {"gpt2": dict(lora_targets=r"attn/(query|value)$|mlp/wo$")}.get(family, {})
+  run = os.path.join(tmp_path, "run")
+  random_lora_run(base_dir, run, seed=1, **targets)
+  adapter = os.path.join(tmp_path, "adapter")
+  assert convert_main(["to-peft", run, adapter]) == 0
+  with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+    adapter_config = json.load(f)
+  assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    peft_model = peft_lib.PeftModel.from_pretrained(hf_model(family), adapter).eval()
+  _no_peft_warnings(record)
+  want = torch_logits(peft_model, IDS)
+  assert np.abs(want - torch_logits(hf_model(family), IDS)).max() > 1e-2  # the adapter matters
+  np.testing.assert_allclose(jax_logits(run, IDS), want, atol=1e-4)
+
+  # PEFT -> jaxllm: an adapter made (and perturbed) in PyTorch, imported onto the same base.
+  _, hf_targets = HF_FAMILIES[family]
+  model = peft_lib.get_peft_model(hf_model(family), peft_lib.LoraConfig(r=3, lora_alpha=5, target_modules=hf_targets))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.normal_(0, 0.4)
+  peft_dir = os.path.join(tmp_path, "peft")
+  model.save_pretrained(peft_dir)
+  imported = os.path.join(tmp_path, "imported")
+  assert convert_main(["from-peft", peft_dir, imported, "--base", base_dir]) == 0
+  np.testing.assert_allclose(jax_logits(imported, IDS), torch_logits(model.eval(), IDS), atol=1e-4)
+
+
+def test_gpt2_round_trip_restores_separate_qkv_adapters_exactly(tmp_path, bases):
+  """to-peft writes c_attn as one rank-3r block adapter; from-peft splits it back into rank-r q/k/v."""
+  from jaxllm.convert.__main__ import main as convert_main
+  base_dir = bases("gpt2")
+  run, adapter, back = (os.path.join(tmp_path, n) for n in ("run", "adapter", "back"))
+  random_lora_run(base_dir, run, seed=2)
+  assert convert_main(["to-peft", run, adapter]) == 0
+  with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["rank_pattern"] == {r"attn\.c_attn": 12}
+  assert convert_main(["from-peft", adapter, back, "--base", base_dir]) == 0
+  cfg, params, _ = model_dir.load_model_dir(run)
+  cfg_back, params_back, _ = model_dir.load_model_dir(back)
+  assert (cfg_back.lora_rank, cfg_back.lora_alpha) == (4, 8.0)
+  flat, flat_back = (traverse_util.flatten_dict(p, sep="/") for p in (params, params_back))
+  assert set(flat) == set(flat_back)
+  for key, value in flat.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_back[key]), err_msg=key)
+
+
+def test_peft_adapter_errors(tmp_path, bases):
+  from jaxllm.convert.__main__ import main as convert_main
+  base_dir = bases("bert")
+  # "dense" also names BERT's MLM-head transform, which jaxllm has no adapter for.
+  model = peft_lib.get_peft_model(hf_model("bert"), peft_lib.LoraConfig(r=2, target_modules=["dense"]))
+  bad = os.path.join(tmp_path, "bad")
+  model.save_pretrained(bad)
+  with pytest.raises(ValueError, match="cls.predictions.transform.dense, which jaxllm's BertForMaskedLM cannot adapt"):
+    from jaxllm.convert_peft import import_adapter
+    import_adapter(bad, base_dir, os.path.join(tmp_path, "out"))
+  # A GPT-2 adapter on the BERT base: shapes or modules do not fit.
+  gpt2 = peft_lib.get_peft_model(hf_model("gpt2"), peft_lib.LoraConfig(r=2, target_modules=["c_fc"]))
+  gpt2.save_pretrained(os.path.join(tmp_path, "gpt2_adapter"))
+  assert convert_main(["from-peft", os.path.join(tmp_path, "gpt2_adapter"), os.path.join(tmp_path, "o2"),
+                       "--base", base_dir]) == 2
+  assert convert_main(["to-peft", base_dir, os.path.join(tmp_path, "o3")]) == 2  # not a LoRA run
+
+
+def test_merged_export_equals_merge_and_unload_and_greedy_generation_matches(tmp_path, bases):
+  from jaxllm.convert.__main__ import main as convert_main
+  from jaxllm.generate import SamplingConfig, generate
+  base_dir = bases("llama")
+  run, adapter, merged = (os.path.join(tmp_path, n) for n in ("run", "adapter", "merged"))
+  random_lora_run(base_dir, run, seed=3)
+  assert convert_main(["to-hf", run, merged]) == 2  # adapters need --merge-lora (or to-peft)
+  assert convert_main(["to-hf", run, merged, "--merge-lora"]) == 0
+  assert convert_main(["to-peft", run, adapter]) == 0
+  peft_model = peft_lib.PeftModel.from_pretrained(hf_model("llama"), adapter).eval()
+  with torch.no_grad():
+    prompt = torch.tensor(IDS[:1, :5])
+    want_tokens = peft_model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)[0, 5:].tolist()
+  reference = peft_model.merge_and_unload()
+  exported = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+  ref_sd, got_sd = reference.state_dict(), exported.state_dict()
+  for name, tensor in ref_sd.items():
+    np.testing.assert_allclose(got_sd[name].numpy(), tensor.numpy(), atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(torch_logits(exported, IDS), torch_logits(reference, IDS), atol=1e-4)
+  cfg, params, _ = model_dir.load_model_dir(run)  # the unmerged adapter, decoded with the KV cache
+  [completion] = generate(cfg, params, [IDS[0, :5].tolist()], SamplingConfig(max_new_tokens=8, temperature=0.0))
+  assert completion.tokens == want_tokens
+
+
+def test_lora_targets_that_match_nothing_are_refused():
+  from jaxllm.models.lora import check_targets
+  cfg = ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, lora_rank=2,
+                    lora_targets="attn/qkv")
+  params = build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  with pytest.raises(ConfigError, match=r"lora_targets='attn/qkv' matches no linear layer.*layers/attn/query"):
+    check_targets(traverse_util.flatten_dict(params), cfg)
+  with pytest.raises(ValueError, match="not a regular expression"):
+    dataclasses.replace(cfg, lora_targets="attn/(")
