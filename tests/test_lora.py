@@ -18,7 +18,7 @@ from flax import traverse_util
 from jaxllm import model_dir
 from jaxllm.config import ConfigError
 from jaxllm.convert import from_hf
-from jaxllm.models import ModelConfig, build_model, stacking
+from jaxllm.models import ModelConfig, abstract_params, build_model, stacking
 from jaxllm.models.lora import LORA_A, LORA_B
 
 torch = pytest.importorskip("torch")
@@ -76,7 +76,7 @@ def bases(tmp_path_factory):
 
 def jax_logits(run_dir: str, ids: np.ndarray) -> np.ndarray:
   cfg, params, _ = model_dir.load_model_dir(run_dir)
-  return np.asarray(build_model(cfg).apply({"params": params}, jnp.asarray(ids)))
+  return np.asarray(jax.jit(build_model(cfg).apply)({"params": params}, jnp.asarray(ids)))
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -91,11 +91,9 @@ def random_lora_run(base_dir: str, run_dir: str, seed: int, **lora) -> ModelConf
   run_config["init_from"] = base_dir
   run_config.setdefault("train", {})["trainable"] = ""
   cfg = ModelConfig.from_config(run_config["model"])
-  params = build_model(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
-  flat = traverse_util.flatten_dict(jax.device_get(params))
+  flat = traverse_util.flatten_dict(abstract_params(cfg))
   rng = np.random.default_rng(seed)
-  adapters = {k: rng.normal(0, 0.5, np.shape(v.unbox() if hasattr(v, "unbox") else v)).astype(np.float32)
-              for k, v in flat.items() if k[-1] in (LORA_A, LORA_B)}
+  adapters = {k: rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in flat.items() if k[-1] in (LORA_A, LORA_B)}
   model_dir.save_model_dir(run_dir, run_config, traverse_util.unflatten_dict(adapters))
   return cfg
 
@@ -133,7 +131,8 @@ def test_jaxllm_adapter_loads_in_peft_and_a_peft_adapter_loads_here(tmp_path, ba
 
   # PEFT -> jaxllm: an adapter made (and perturbed) in PyTorch, imported onto the same base.
   _, hf_targets = HF_FAMILIES[family]
-  model = peft_lib.get_peft_model(hf_model(family), peft_lib.LoraConfig(r=3, lora_alpha=5, target_modules=hf_targets))
+  model = peft_lib.get_peft_model(hf_model(family), peft_lib.LoraConfig(
+      r=3, lora_alpha=5, target_modules=hf_targets, fan_in_fan_out=family == "gpt2"))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "lora_" in name:
@@ -175,7 +174,8 @@ def test_peft_adapter_errors(tmp_path, bases):
     from jaxllm.convert_peft import import_adapter
     import_adapter(bad, base_dir, os.path.join(tmp_path, "out"))
   # A GPT-2 adapter on the BERT base: shapes or modules do not fit.
-  gpt2 = peft_lib.get_peft_model(hf_model("gpt2"), peft_lib.LoraConfig(r=2, target_modules=["c_fc"]))
+  gpt2 = peft_lib.get_peft_model(hf_model("gpt2"), peft_lib.LoraConfig(r=2, target_modules=["c_fc"],
+                                                                       fan_in_fan_out=True))
   gpt2.save_pretrained(os.path.join(tmp_path, "gpt2_adapter"))
   assert convert_main(["from-peft", os.path.join(tmp_path, "gpt2_adapter"), os.path.join(tmp_path, "o2"),
                        "--base", base_dir]) == 2
@@ -211,8 +211,112 @@ def test_lora_targets_that_match_nothing_are_refused():
   from jaxllm.models.lora import check_targets
   cfg = ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, lora_rank=2,
                     lora_targets="attn/qkv")
-  params = build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   with pytest.raises(ConfigError, match=r"lora_targets='attn/qkv' matches no linear layer.*layers/attn/query"):
-    check_targets(traverse_util.flatten_dict(params), cfg)
+    check_targets(traverse_util.flatten_dict(abstract_params(cfg)), cfg)
   with pytest.raises(ValueError, match="not a regular expression"):
     dataclasses.replace(cfg, lora_targets="attn/(")
+
+
+# ------------------------------------------------------------------------------ training
+
+def lora_config(tmp_path, base_dir, **overrides):
+  """A LoRA run on `base_dir` (its architecture adopted, as the trainer does), 8 x 16 tokens a step."""
+  from jaxllm.train import adopt_init_from_architecture
+  from tests.helpers import apply_overrides, make_tiny_config
+  config = make_tiny_config(tmp_path, **{"init_from": base_dir, "model.lora_rank": 4, "model.lora_alpha": 8.0,
+                                         "data.seq_len": 16})
+  config.optim.update(lr=3e-2, warmup_steps=0, min_lr=3e-2, weight_decay=0.0)
+  adopt_init_from_architecture(config)
+  return apply_overrides(config, overrides)
+
+
+def start_state(config):
+  from jaxllm import peft
+  from jaxllm.config import validate
+  from jaxllm.sharding import make_mesh
+  from jaxllm.state import make_setup
+  model_cfg = validate(config, jax.device_count())
+  mesh = make_mesh(config.mesh)
+  setup = make_setup(config, model_cfg, mesh)
+  params = peft.initial_params(config, setup, None, jax.random.key(0))
+  return setup, mesh, params
+
+
+def token_batch(mesh, seed=0):
+  from jaxllm.sharding import make_global_batch
+  ids = np.random.default_rng(seed).integers(0, VOCAB, (8, 17)).astype(np.int32)
+  return make_global_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                            "weights": np.ones((8, 16), np.float32)}, mesh)
+
+
+def test_lora_trains_only_adapters_from_the_exact_base_same_loss_scanned_unrolled_sharded(tmp_path, bases):
+  """Step 0 is the base exactly; only A/B train (the base stays bit-identical); a scanned model with
+  gradient accumulation and remat on a data x fsdp x tensor mesh trains exactly as an unrolled one on
+  a data-only mesh. The adapters take their kernels' shardings (rank axis whole)."""
+  from jaxllm.state import compile_steps
+  base_dir = bases("llama")
+  runs = {}
+  for name, overrides in (("scanned", {"mesh.fsdp": 2, "mesh.tensor": 2, "train.grad_accum": 2,
+                                       "model.remat": "full"}),
+                          ("unrolled", {"model.scan_layers": False})):
+    config = lora_config(tmp_path, base_dir, **overrides)
+    setup, mesh, params = start_state(config)
+    if name == "unrolled":  # the same adapters' initial values as the scanned run's
+      params = stacking.unstack_layers(runs["scanned"]["initial"])
+    state = setup.init_fn(jax.random.key(0), params)
+    runs[name] = {"initial": jax.device_get(params), "state": state, "mesh": mesh, "setup": setup,
+                  "config": config}
+  scanned = runs["scanned"]
+  trainable = traverse_util.flatten_dict(scanned["state"].params, sep="/")
+  assert trainable and all(k.rsplit("/", 1)[1] in (LORA_A, LORA_B) for k in trainable)
+  assert len(trainable) == 2 * 7  # q, k, v, out, wi_gate, wi_up, wo
+  assert not np.asarray(trainable["layers/attn/query/lora_b"]).any()
+  assert np.asarray(trainable["layers/attn/query/lora_a"]).std() > 0.05  # kaiming-uniform, bound 1/sqrt(32)
+  spec = lambda key: tuple(trainable[key].sharding.spec)  # noqa: E731
+  assert spec("layers/attn/query/lora_a") == (None, "fsdp", None)       # [layers, embed, rank]
+  assert spec("layers/attn/query/lora_b") == (None, None, "tensor", None)  # [layers, rank, heads, head_dim]
+  assert spec("layers/mlp/wo/lora_a")[1] == "tensor" and spec("layers/mlp/wo/lora_b") == (None, None, "fsdp")
+  opt_shapes = {x.shape for x in jax.tree.leaves(scanned["state"].opt_state) if x.ndim}
+  assert opt_shapes <= {v.shape for v in trainable.values()}  # Adam state for the adapters only
+
+  # Step 0 equals the base model exactly.
+  base_cfg, base_params, _ = model_dir.load_model_dir(base_dir)
+  ids = np.asarray(jax.device_get(token_batch(scanned["mesh"])["inputs"]))
+  from jaxllm.optim import merge_params
+  merged = merge_params(*jax.device_get((scanned["state"].params, scanned["state"].frozen)))
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(build_model(scanned["setup"].model_cfg).apply)({"params": merged}, ids)),
+      np.asarray(jax.jit(build_model(base_cfg).apply)({"params": base_params}, ids)))
+
+  losses = {}
+  for name, run in runs.items():
+    jit_train, _ = compile_steps(run["setup"], run["config"], run["mesh"])
+    state, batch, losses[name] = run["state"], token_batch(run["mesh"]), []
+    frozen_before = jax.device_get(state.frozen)
+    for _ in range(4):
+      state, metrics = jit_train(state, batch, jax.random.key(1))
+      losses[name].append(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen_before)
+  np.testing.assert_allclose(losses["scanned"], losses["unrolled"], rtol=2e-5)
+  assert losses["scanned"][-1] < losses["scanned"][0] - 0.1, losses
+
+
+def test_int8_frozen_base_stays_close_to_float_and_holds_a_quarter_of_the_bytes(tmp_path, bases):
+  from jaxllm.state import compile_steps
+  base_dir = bases("gpt2")
+  results = {}
+  for quant in ("", "int8"):
+    config = lora_config(tmp_path, base_dir, **{"train.frozen_quant": quant, "mesh.fsdp": 2})
+    setup, mesh, params = start_state(config)
+    state = setup.init_fn(jax.random.key(0), params)
+    frozen = traverse_util.flatten_dict(state.frozen, sep="/")
+    results[quant] = {"bytes": sum(v.nbytes for k, v in frozen.items() if k.endswith("/kernel")), "frozen": frozen}
+    _, jit_eval = compile_steps(setup, config, mesh)
+    out = jit_eval(state, token_batch(mesh))
+    results[quant]["loss"] = float(out["loss_sum"] / out["weight_sum"])
+  int8 = results["int8"]["frozen"]
+  assert int8["layers/attn/query/kernel"].dtype == jnp.int8 and "layers/attn/query/kernel_scale" in int8
+  assert int8["embed/embedding"].dtype == jnp.float32  # only the blocks' linear kernels are quantized
+  assert results["int8"]["bytes"] * 4 == results[""]["bytes"]
+  assert abs(results["int8"]["loss"] - results[""]["loss"]) < 1e-2 * results[""]["loss"], results
+  assert results["int8"]["loss"] != results[""]["loss"]  # it did quantize
