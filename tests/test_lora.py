@@ -25,6 +25,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft_lib = pytest.importorskip("peft")
 
+from tests.test_prompt_tuning import base, sft_file  # noqa: E402,F401  (fixtures: a GPT-2 base with a tokenizer)
+
 VOCAB, D_MODEL, LAYERS, HEADS = 96, 32, 2, 4
 
 # family -> (HF config, the HF modules PEFT adapts, as a regex over full module names)
@@ -243,10 +245,13 @@ def start_state(config):
 
 
 def token_batch(mesh, seed=0):
+  """Packed rows: two documents each (segment ids, positions restarting), as data.packing='document' makes."""
   from jaxllm.sharding import make_global_batch
   ids = np.random.default_rng(seed).integers(0, VOCAB, (8, 17)).astype(np.int32)
-  return make_global_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:],
-                            "weights": np.ones((8, 16), np.float32)}, mesh)
+  segments = np.repeat([[1] * 10 + [2] * 6], 8, 0).astype(np.int32)
+  positions = np.repeat([list(range(10)) + list(range(6))], 8, 0).astype(np.int32)
+  return make_global_batch({"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segments,
+                            "positions": positions, "weights": np.ones((8, 16), np.float32)}, mesh)
 
 
 def test_lora_trains_only_adapters_from_the_exact_base_same_loss_scanned_unrolled_sharded(tmp_path, bases):
@@ -281,7 +286,7 @@ def test_lora_trains_only_adapters_from_the_exact_base_same_loss_scanned_unrolle
 
   # Step 0 equals the base model exactly.
   base_cfg, base_params, _ = model_dir.load_model_dir(base_dir)
-  ids = np.asarray(jax.device_get(token_batch(scanned["mesh"])["inputs"]))
+  ids = IDS
   from jaxllm.optim import merge_params
   merged = merge_params(*jax.device_get((scanned["state"].params, scanned["state"].frozen)))
   np.testing.assert_array_equal(
@@ -320,3 +325,36 @@ def test_int8_frozen_base_stays_close_to_float_and_holds_a_quarter_of_the_bytes(
   assert results["int8"]["bytes"] * 4 == results[""]["bytes"]
   assert abs(results["int8"]["loss"] - results[""]["loss"]) < 1e-2 * results[""]["loss"], results
   assert results["int8"]["loss"] != results[""]["loss"]  # it did quantize
+
+
+def test_lora_with_a_prompt_on_an_int8_base_checkpoints_adapters_only_resumes_and_generates(
+    tmp_path, base, sft_file, capsys):
+  """The trainer end to end: LoRA and prompt tuning at once (padded SFT), int8 frozen base; the
+  checkpoint holds only the prompt and the adapters; resume re-reads (and re-quantizes) the base;
+  `generate --checkpoint RUN` decodes with the unmerged adapters."""
+  from jaxllm import train
+  from jaxllm.convert.__main__ import main as convert_main
+  from jaxllm.generate.__main__ import main as generate_main
+  from jaxllm.models.lora import LORA_PATTERN
+  from tests.test_prompt_tuning import prompt_config
+  workdir = os.path.join(tmp_path, "run")
+  overrides = {"model.lora_rank": 2, "train.trainable": "^prompt/|" + LORA_PATTERN, "train.frozen_quant": "int8",
+               "train.memory_report": True}
+  train.run(prompt_config(tmp_path, base, sft_file, **overrides), workdir)
+  out = capsys.readouterr().out
+  # prompt 4 x 32; per layer rank 2 x (32 + 32) for q, k, v, out, (32 + 128) + (128 + 32) for the MLP
+  trainable = 4 * 32 + 2 * 2 * (4 * 64 + 160 + 160)
+  assert f"parameters: {trainable:,} trainable of" in out and "full fine-tuning:" in out, out
+  import orbax.checkpoint as ocp
+  with ocp.PyTreeCheckpointer() as ckpt:
+    tree = ckpt.metadata(os.path.join(workdir, "checkpoints", "4", "state")).item_metadata.tree
+  leaves = traverse_util.flatten_dict(dict(tree["params"]), sep="/")
+  assert not tree.get("frozen") and {k.split("/")[0] for k in leaves} == {"prompt", "layers"}
+  assert all(k.startswith("prompt/") or k.endswith(("/lora_a", "/lora_b")) for k in leaves), sorted(leaves)
+  train.run(prompt_config(tmp_path, base, sft_file, **overrides, **{"train.steps": 6}), workdir)
+  assert "start at step 4 of 6" in capsys.readouterr().out
+  assert generate_main(["--checkpoint", workdir, "--prompt", "Human: list", "--max-new-tokens", "4",
+                        "--temperature", "0"]) == 0
+  assert "Human: list" in capsys.readouterr().out
+  assert convert_main(["to-peft", workdir, os.path.join(tmp_path, "adapter")]) == 2
+  assert "a PEFT adapter holds one kind" in capsys.readouterr().err
