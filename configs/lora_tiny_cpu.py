@@ -16,7 +16,6 @@ from configs.sft_tiny_cpu import get_config as sft_config
 def get_config():
   config = sft_config()
   config.model.update(lora_rank=8, lora_alpha=16.0, lora_dropout=0.05)
-  config.data.packing = "document"  # several examples per row, each seeing only itself
   config.train.update(steps=150, memory_report=True)
   # Adapters start at zero and are small: a higher rate than full fine-tuning's (1e-3 there).
   config.optim.update(lr=3e-3, warmup_steps=20, min_lr=3e-4, weight_decay=0.0)

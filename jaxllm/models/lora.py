@@ -92,10 +92,13 @@ class Linear(nn.Module):
     dtype = cfg.compute_dtype
     x = x.astype(dtype)
     contract = lambda a, b, k: dot(a, b, ((tuple(range(a.ndim - k, a.ndim)), tuple(range(k))), ((), ())))  # noqa: E731
-    out = contract(x, kernel.astype(dtype), n_in)
-    if self.has_variable("params", KERNEL_SCALE):  # int8 kernel: scale per output channel after the product
-      scale = self.get_variable("params", KERNEL_SCALE)
-      out = out * scale.reshape(self.features).astype(dtype)
+    if self.has_variable("params", KERNEL_SCALE):  # an int8 kernel: scale per output channel after the product
+      scale = self.get_variable("params", KERNEL_SCALE).reshape(self.features).astype(dtype)
+      # Rematerialised: the backward re-converts the int8 kernel instead of keeping its float copy
+      # (under scan, every layer's) as a residual, which would cost more than the float kernel itself.
+      out = jax.checkpoint(lambda x, q, s: contract(x, q.astype(dtype), n_in) * s)(x, kernel, scale)
+    else:
+      out = contract(x, kernel.astype(dtype), n_in)
     if bias is not None:
       out = out + bias.astype(dtype)
     if is_target(cfg, "/".join(self.path)):
