@@ -109,47 +109,53 @@ def _no_peft_warnings(record) -> None:
 IDS = np.random.default_rng(7).integers(0, VOCAB, (2, 12))
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bloom", "bert"])
-def test_jaxllm_adapter_loads_in_peft_and_a_peft_adapter_loads_here(tmp_path, bases, family):
-  from jaxllm.convert.__main__ import main as convert_main
-  base_dir = bases(family)
-  # jaxllm -> PEFT. On GPT-2 only some of the fused c_attn's parts and only the MLP's c_proj (not
-  # the attention's, of the same name) are adapted, so block structure and module names must be right.
-  targets = {"gpt2": dict(lora_targets=r"attn/(query|value)$|mlp/wo$")}.get(family, {})
-  run = os.path.join(tmp_path, "run")
-  random_lora_run(base_dir, run, seed=1, **targets)
-  adapter = os.path.join(tmp_path, "adapter")
-  assert convert_main(["to-peft", run, adapter]) == 0
-  with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
-    adapter_config = json.load(f)
-  assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+def load_in_peft(family: str, adapter: str):
+  """PeftModel.from_pretrained on a fresh base, failing on any warning about the adapter."""
   with warnings.catch_warnings(record=True) as record:
     warnings.simplefilter("always")
-    peft_model = peft_lib.PeftModel.from_pretrained(hf_model(family), adapter).eval()
+    model = peft_lib.PeftModel.from_pretrained(hf_model(family), adapter).eval()
   _no_peft_warnings(record)
-  want = torch_logits(peft_model, IDS)
-  assert np.abs(want - torch_logits(hf_model(family), IDS)).max() > 1e-2  # the adapter matters
-  np.testing.assert_allclose(jax_logits(run, IDS), want, atol=1e-4)
+  return model
 
-  # PEFT -> jaxllm: an adapter made (and perturbed) in PyTorch, imported onto the same base.
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bloom", "bert"])
+def test_a_peft_adapter_loads_here_and_goes_back_to_peft(tmp_path, bases, family):
+  """PEFT -> jaxllm (from-peft) -> PEFT (to-peft): the logits agree with PeftModel's each way."""
+  from jaxllm.convert.__main__ import main as convert_main
+  base_dir = bases(family)
   _, hf_targets = HF_FAMILIES[family]
+  if family == "gpt2":  # only the MLP's c_proj, not the attention's of the same name
+    hf_targets = r".*\.(attn\.c_attn|mlp\.c_proj)"
   model = peft_lib.get_peft_model(hf_model(family), peft_lib.LoraConfig(
       r=3, lora_alpha=5, target_modules=hf_targets, fan_in_fan_out=family == "gpt2"))
-  with torch.no_grad():
+  with torch.no_grad():  # trained-looking adapters (PEFT starts B at zero)
     for name, p in model.named_parameters():
       if "lora_" in name:
         p.normal_(0, 0.4)
-  peft_dir = os.path.join(tmp_path, "peft")
+  peft_dir, imported, exported = (os.path.join(tmp_path, n) for n in ("peft", "imported", "exported"))
   model.save_pretrained(peft_dir)
-  imported = os.path.join(tmp_path, "imported")
+  want = torch_logits(model.eval(), IDS)
+  assert np.abs(want - torch_logits(hf_model(family), IDS)).max() > 1e-2  # the adapter matters
   assert convert_main(["from-peft", peft_dir, imported, "--base", base_dir]) == 0
-  np.testing.assert_allclose(jax_logits(imported, IDS), torch_logits(model.eval(), IDS), atol=1e-4)
+  got = jax_logits(imported, IDS)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert convert_main(["to-peft", imported, exported]) == 0
+  with open(os.path.join(exported, "adapter_config.json"), encoding="utf-8") as f:
+    adapter_config = json.load(f)
+  assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 3
+  np.testing.assert_allclose(torch_logits(load_in_peft(family, exported), IDS), got, atol=1e-4)
 
 
-def test_gpt2_round_trip_restores_separate_qkv_adapters_exactly(tmp_path, bases):
-  """to-peft writes c_attn as one rank-3r block adapter; from-peft splits it back into rank-r q/k/v."""
+def test_gpt2_fused_adapters_export_exactly_and_come_back_bit_for_bit(tmp_path, bases):
+  """to-peft writes the adapted parts of c_attn as one block adapter of rank r x parts, and the
+  MLP's c_proj apart from the attention's; from-peft splits c_attn back into rank-r q/k/v."""
   from jaxllm.convert.__main__ import main as convert_main
   base_dir = bases("gpt2")
+  partial, adapter = os.path.join(tmp_path, "partial"), os.path.join(tmp_path, "partial_adapter")
+  random_lora_run(base_dir, partial, seed=1, lora_targets=r"attn/(query|value)$|mlp/wo$")
+  assert convert_main(["to-peft", partial, adapter]) == 0
+  np.testing.assert_allclose(torch_logits(load_in_peft("gpt2", adapter), IDS), jax_logits(partial, IDS), atol=1e-4)
+
   run, adapter, back = (os.path.join(tmp_path, n) for n in ("run", "adapter", "back"))
   random_lora_run(base_dir, run, seed=2)
   assert convert_main(["to-peft", run, adapter]) == 0
@@ -193,7 +199,7 @@ def test_merged_export_equals_merge_and_unload_and_greedy_generation_matches(tmp
   assert convert_main(["to-hf", run, merged]) == 2  # adapters need --merge-lora (or to-peft)
   assert convert_main(["to-hf", run, merged, "--merge-lora"]) == 0
   assert convert_main(["to-peft", run, adapter]) == 0
-  peft_model = peft_lib.PeftModel.from_pretrained(hf_model("llama"), adapter).eval()
+  peft_model = load_in_peft("llama", adapter)
   with torch.no_grad():
     prompt = torch.tensor(IDS[:1, :5])
     want_tokens = peft_model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False,
