@@ -1,10 +1,14 @@
-"""Parameter-efficient fine-tuning around the trainable/frozen split (prompt tuning first).
+"""Parameter-efficient fine-tuning around the trainable/frozen split (prompt tuning, LoRA).
 
 What trains is `train.trainable`, a regex over parameter paths (`optim.partition_params`);
 the rest is frozen: never differentiated, without optimizer state, optionally held in
 bf16 (`train.frozen_dtype`). When the run starts from `init_from`, its checkpoints hold
 only the trainable part; the frozen part is re-read from `init_from` (the run's
 config.json keeps that reference), so a prompt-tuned 1.3B model saves kilobytes.
+
+LoRA (`model.lora_rank`, jaxllm/models/lora.py) trains `/(lora_a|lora_b)$` unless
+`train.trainable` says otherwise (`optim.trainable_pattern`); its PEFT format is in
+jaxllm/convert/lora.py.
 
 Prompt tuning: `model.num_virtual_tokens` adds `prompt/embedding` [num_virtual_tokens,
 d_model] to the GPT model; `train.trainable='^prompt/'` trains only it. Its on-disk

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.models import ModelConfig, abstract_params
-from jaxllm.models.lora import LORA_A, LORA_B, input_ndim
+from jaxllm.models.lora import LORA_A, LORA_B, input_ndim, is_block_kernel
 
 PEFT_PREFIX = "base_model.model."
 
@@ -42,11 +42,6 @@ class ModuleMap:
   out_module: np.ndarray         # [hf out features] -> which of `modules`
   out_index: np.ndarray          # [hf out features] -> flat output index in that module's kernel
   fan_in_fan_out: bool           # the HF weight is [in, out] (GPT-2's Conv1D)
-
-
-def _is_block_kernel(path: str) -> bool:
-  parts = path.split("/")
-  return len(parts) >= 3 and parts[-1] == "kernel" and parts[-3] in ("attn", "mlp")
 
 
 def _probe(rule, shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, ...]:
@@ -82,7 +77,7 @@ def module_maps(arch: Architecture, cfg: ModelConfig) -> list[ModuleMap]:
   probes: dict[Any, tuple] = {}
   out = []
   for rule in arch.rules(cfg):
-    if not rule.hf.endswith(".weight") or not all(_is_block_kernel(p) for p in rule.params):
+    if not rule.hf.endswith(".weight") or not all(is_block_kernel(tuple(p.split("/"))) for p in rule.params):
       continue
     rule_shapes = [shapes[p] for p in rule.params]
     key = (re.sub(r"\d+", "#", rule.hf), tuple(rule_shapes))  # every layer's rule is laid out alike

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxllm.models.cpu_matmul as cpu_matmul
+from jaxllm.errors import ConfigError
 from jaxllm.models.config import ModelConfig
 
 Array = jax.Array
@@ -137,7 +138,7 @@ def quantize_int8(kernel: Array, num_inputs: int, stacked: bool) -> tuple[Array,
   return q, scale
 
 
-def _is_block_kernel(path: tuple[str, ...]) -> bool:
+def is_block_kernel(path: tuple[str, ...]) -> bool:
   """A linear layer's kernel inside a block: (..., "attn" | "mlp", module, "kernel")."""
   return len(path) >= 3 and path[-1] == "kernel" and path[-3] in ("attn", "mlp")
 
@@ -145,9 +146,8 @@ def _is_block_kernel(path: tuple[str, ...]) -> bool:
 def check_targets(params: dict, cfg: ModelConfig) -> None:
   """Refuses a LoRA config whose `lora_targets` gives no linear layer an adapter (`params`: the
   model's flat {path tuple: leaf} tree)."""
-  from jaxllm.errors import ConfigError  # pylint: disable=import-outside-toplevel
   if cfg.lora_rank and not any(path[-1] == LORA_A for path in params):
-    modules = sorted({"/".join(p[:-1]) for p in params if _is_block_kernel(p)})
+    modules = sorted({"/".join(p[:-1]) for p in params if is_block_kernel(p)})
     raise ConfigError(f"model.lora_targets={cfg.lora_targets!r} matches no linear layer; module paths "
                       f"are {', '.join(modules[:8])}{' ...' if len(modules) > 8 else ''}.")
 
@@ -157,7 +157,7 @@ def quantize_tree(flat: dict) -> dict:
   everything else as it is. Paths are tuples; a leading "layers" means stacked layers."""
   out = {}
   for path, leaf in flat.items():
-    if _is_block_kernel(path) and jnp.issubdtype(leaf.dtype, jnp.floating):
+    if is_block_kernel(path) and jnp.issubdtype(leaf.dtype, jnp.floating):
       out[path], out[path[:-1] + (KERNEL_SCALE,)] = quantize_int8(leaf, input_ndim(path[-2]),
                                                                  path[0] == "layers")
     else:
