@@ -111,7 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
   """Checks values against each other and the hardware; returns the ModelConfig."""
-  from jaxllm import faults  # pylint: disable=import-outside-toplevel
+  from jaxllm import faults, optim  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
   try:
     model_cfg = ModelConfig.from_config(config.model)
@@ -143,7 +143,13 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
                       f"model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len.")
   if config.train.get("prompt_init_text", "") and not num_virtual:
     raise ConfigError("train.prompt_init_text is set but model.num_virtual_tokens=0; set it (e.g. 20).")
-  if t.get("frozen_quant", "") and not config.init_from:
+  frozen_quant = t.get("frozen_quant", "")
+  if frozen_quant not in ("", "int8"):
+    raise ConfigError(f"train.frozen_quant={frozen_quant!r} is not one of '', 'int8'.")
+  if frozen_quant and not optim.trainable_pattern(config):
+    raise ConfigError("train.frozen_quant='int8' quantizes the frozen weights, but nothing is frozen; "
+                      "set model.lora_rank or train.trainable.")
+  if frozen_quant and not config.init_from:
     raise ConfigError("train.frozen_quant='int8' quantizes a base model's frozen weights; set init_from "
                       "to the model directory to fine-tune (a random base is not worth quantizing).")
   faults.validate(t)

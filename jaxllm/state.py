@@ -14,11 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-
 from flax import traverse_util
 
 from jaxllm import faults, optim
-from jaxllm.errors import ConfigError
 from jaxllm.models import ModelConfig, build_model, lora
 from jaxllm.models.gpt import GPT, output_head
 from jaxllm.sharding import logical_shardings, replicated
@@ -84,12 +82,7 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
   optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)
   trainable_pattern = optim.trainable_pattern(config)
-  frozen_quant = config.train.get("frozen_quant", "")
-  if frozen_quant not in ("", "int8"):
-    raise ConfigError(f"train.frozen_quant={frozen_quant!r} is not one of '', 'int8'.")
-  if frozen_quant and not trainable_pattern:
-    raise ConfigError("train.frozen_quant='int8' quantizes the frozen weights, but nothing is frozen; "
-                      "set model.lora_rank or train.trainable.")
+  frozen_quant = config.train.get("frozen_quant", "")  # "" or "int8" (config.validate checks)
 
   def init_params(rng):
     return model.init(rng, dummy_inputs(seq_len))["params"]

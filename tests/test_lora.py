@@ -215,7 +215,7 @@ def test_merged_export_equals_merge_and_unload_and_greedy_generation_matches(tmp
   assert completion.tokens == want_tokens
 
 
-def test_lora_targets_that_match_nothing_are_refused():
+def test_bad_lora_and_int8_settings_are_refused():
   from jaxllm.models.lora import check_targets
   cfg = ModelConfig(vocab_size=VOCAB, d_model=D_MODEL, num_layers=LAYERS, num_heads=HEADS, lora_rank=2,
                     lora_targets="attn/qkv")
@@ -223,6 +223,15 @@ def test_lora_targets_that_match_nothing_are_refused():
     check_targets(traverse_util.flatten_dict(abstract_params(cfg)), cfg)
   with pytest.raises(ValueError, match="not a regular expression"):
     dataclasses.replace(cfg, lora_targets="attn/(")
+  from jaxllm.config import default_config, validate
+  config = default_config()
+  for overrides, message in (({"train.frozen_quant": "int4"}, "is not one of"),
+                             ({"train.frozen_quant": "int8"}, "nothing is frozen"),
+                             ({"train.frozen_quant": "int8", "model.lora_rank": 4}, "set init_from"),
+                             ({"model.lora_rank": -1}, "must be >= 0")):
+    from tests.helpers import apply_overrides
+    with pytest.raises(ConfigError, match=message):
+      validate(apply_overrides(config.copy_and_resolve_references(), overrides), 1)
 
 
 # ------------------------------------------------------------------------------ training
