@@ -247,7 +247,8 @@ def lora_config(tmp_path, base_dir, **overrides):
   return apply_overrides(config, overrides)
 
 
-def start_state(config):
+def start_state(config, params=None):
+  """(setup, mesh, initial params): the base from init_from and fresh adapters, unless `params`."""
   from jaxllm import peft
   from jaxllm.config import validate
   from jaxllm.sharding import make_mesh
@@ -255,7 +256,8 @@ def start_state(config):
   model_cfg = validate(config, jax.device_count())
   mesh = make_mesh(config.mesh)
   setup = make_setup(config, model_cfg, mesh)
-  params = peft.initial_params(config, setup, None, jax.random.key(0))
+  if params is None:
+    params = peft.initial_params(config, setup, None, jax.random.key(0))
   return setup, mesh, params
 
 
@@ -280,9 +282,9 @@ def test_lora_trains_only_adapters_from_the_exact_base_same_loss_scanned_unrolle
                                        "model.remat": "full"}),
                           ("unrolled", {"model.scan_layers": False})):
     config = lora_config(tmp_path, base_dir, **overrides)
-    setup, mesh, params = start_state(config)
-    if name == "unrolled":  # the same adapters' initial values as the scanned run's
-      params = stacking.unstack_layers(runs["scanned"]["initial"])
+    # The unrolled run starts from the scanned run's values (adapters included), unstacked.
+    setup, mesh, params = start_state(config, stacking.unstack_layers(runs["scanned"]["initial"])
+                                      if name == "unrolled" else None)
     state = setup.init_fn(jax.random.key(0), params)
     runs[name] = {"initial": jax.device_get(params), "state": state, "mesh": mesh, "setup": setup,
                   "config": config}
