@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 
 from jaxllm.errors import ConfigError
-from jaxllm.models.config import ModelConfig
+from jaxllm.models.config import DEFAULT_LORA_TARGETS, ModelConfig
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -26,7 +26,10 @@ def default_config() -> ml_collections.ConfigDict:
       matmul_impl="auto",     # auto (cpu_vjp on the CPU backend only) | xla | cpu_vjp: docs/performance.md
       scan_layers=True,       # blocks under nn.scan, parameters stacked [num_layers, ...] as layers/...
       scan_unroll=0,          # layers per scanned-loop iteration; 0 = auto (all <= 12 on CPU, else 1)
-      num_virtual_tokens=0))  # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
+      num_virtual_tokens=0,   # prompt tuning: learned embeddings prepended to every input (docs/prompt_tuning.md)
+      # LoRA (docs/lora.md): rank (0 = off), scale lora_alpha / rank, dropout on the adapter's input,
+      # and a regex over module paths ("layers/attn/query") choosing the linear layers that get one
+      lora_rank=0, lora_alpha=16.0, lora_dropout=0.0, lora_targets=DEFAULT_LORA_TARGETS))
 
   c.data = ml_collections.ConfigDict(dict(
       source="stdlib",        # stdlib | text | jsonl | parquet | hf_disk (save_to_disk dir) | hf (streaming)
@@ -72,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
       trainable="",           # regex over parameter paths that train; empty = all ("^prompt/": prompt tuning)
       prompt_init_text="",    # prompt tuning: init the prompt from this text's token embeddings ("" = random)
       frozen_dtype="",        # dtype the frozen parameters are held in ("bfloat16" halves them; "" = as is)
+      frozen_quant="",        # "int8": frozen linear kernels in int8, one scale per output channel (QLoRA idea)
       memory_report=False,    # with `trainable`: log the step memory beside full fine-tuning's (compiles both)
       sample_prompt="",       # text to complete with the trained model at the end ("" = none)
       sample_tokens=64, sample_temperature=0.8, sample_top_k=40,
@@ -121,7 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
   """Checks values against each other and the hardware; returns the ModelConfig."""
-  from jaxllm import faults  # pylint: disable=import-outside-toplevel
+  from jaxllm import faults, optim  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
   try:
     model_cfg = ModelConfig.from_config(config.model)
@@ -160,6 +164,15 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
     if config.data.train_on_prompt:
       raise ConfigError("sft.prefix_lm=True with data.train_on_prompt=True: the prompt attends both ways, so "
                         "each prompt token would see the token it is trained to predict; turn one off.")
+  frozen_quant = t.get("frozen_quant", "")
+  if frozen_quant not in ("", "int8"):
+    raise ConfigError(f"train.frozen_quant={frozen_quant!r} is not one of '', 'int8'.")
+  if frozen_quant and not optim.trainable_pattern(config):
+    raise ConfigError("train.frozen_quant='int8' quantizes the frozen weights, but nothing is frozen; "
+                      "set model.lora_rank or train.trainable.")
+  if frozen_quant and not config.init_from:
+    raise ConfigError("train.frozen_quant='int8' quantizes a base model's frozen weights; set init_from "
+                      "to the model directory to fine-tune (a random base is not worth quantizing).")
   faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
     if t[key] <= 0:

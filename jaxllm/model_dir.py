@@ -38,7 +38,7 @@ def read_prompt_tuned(path: str, run_config: dict, shardings: Any = None) -> tup
   unless `shardings` (boxed abstract params -> shardings tree) places them."""
   model_cfg = ModelConfig.from_config(run_config["model"])
   abstract = abstract_params(model_cfg, shardings)
-  trainable_abs, frozen_abs = optim.partition_params(abstract, run_config["train"]["trainable"])
+  trainable_abs, frozen_abs = optim.partition_params(abstract, optim.trainable_pattern(run_config))
   base = run_config["init_from"]
   frozen = base_params(base, frozen_abs, abstract)
   trainable = checkpoint.load_params(path, trainable_abs, expected=abstract)
@@ -50,8 +50,8 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
   picks a saved step (default: the latest)."""
   run_config = checkpoint.read_run_config(path)
-  if run_config.get("init_from") and run_config.get("train", {}).get("trainable"):
-    # A parameter-efficient run (prompt tuning): its checkpoint holds only what trained.
+  if run_config.get("init_from") and optim.trainable_pattern(run_config):
+    # A parameter-efficient run (prompt tuning, LoRA): its checkpoint holds only what trained.
     model_cfg, params = read_prompt_tuned(path, run_config, shardings)
     tokenizer = None
     for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),

@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from jaxllm.errors import ConfigError
+from jaxllm.models.lora import LORA_PATTERN
 
 # Parameters whose path contains one of these never get weight decay: biases,
 # norm scales, soft prompts, and embeddings (decaying them hurts rare tokens) unless
@@ -58,6 +59,16 @@ def build_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTra
 
 def path_str(path: tuple[str, ...]) -> str:
   return "/".join(str(p) for p in path)
+
+
+def trainable_pattern(config: Any) -> str:
+  """The run's trainable regex: `train.trainable`, or for a LoRA run (model.lora_rank > 0) that
+  leaves it empty, the adapters alone (`models.lora.LORA_PATTERN`). `config`: a ConfigDict or the
+  dict of a run's config.json."""
+  pattern = config["train"].get("trainable", "")
+  if pattern or not config["model"].get("lora_rank", 0):
+    return pattern
+  return LORA_PATTERN
 
 
 def partition_params(params: Any, trainable_pattern: str | None) -> tuple[dict, dict]:

@@ -1,10 +1,14 @@
-"""Parameter-efficient fine-tuning around the trainable/frozen split (prompt tuning first).
+"""Parameter-efficient fine-tuning around the trainable/frozen split (prompt tuning, LoRA).
 
 What trains is `train.trainable`, a regex over parameter paths (`optim.partition_params`);
 the rest is frozen: never differentiated, without optimizer state, optionally held in
 bf16 (`train.frozen_dtype`). When the run starts from `init_from`, its checkpoints hold
 only the trainable part; the frozen part is re-read from `init_from` (the run's
 config.json keeps that reference), so a prompt-tuned 1.3B model saves kilobytes.
+
+LoRA (`model.lora_rank`, jaxllm/models/lora.py) trains `/(lora_a|lora_b)$` unless
+`train.trainable` says otherwise (`optim.trainable_pattern`); its PEFT format is in
+jaxllm/convert/lora.py.
 
 Prompt tuning: `model.num_virtual_tokens` adds `prompt/embedding` [num_virtual_tokens,
 d_model] to the GPT model; `train.trainable='^prompt/'` trains only it. Its on-disk
@@ -13,6 +17,7 @@ exchange format is Hugging Face PEFT's PROMPT_TUNING adapter (`to_peft` / `from_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -24,7 +29,7 @@ from flax import traverse_util
 
 from jaxllm import checkpoint, model_dir, optim
 from jaxllm.errors import ConfigError, ConvertError
-from jaxllm.models import ModelConfig
+from jaxllm.models import ModelConfig, lora
 
 PROMPT_PATH = ("prompt", "embedding")
 PROMPT_PATTERN = "^prompt/"
@@ -39,7 +44,7 @@ def count_params(tree: Any) -> int:
 
 def frozen_by_reference(config: Any) -> bool:
   """True when checkpoints keep only the trainable part and re-read the rest from init_from."""
-  return bool(config.init_from) and bool(config.train.get("trainable", ""))
+  return bool(config.init_from) and bool(optim.trainable_pattern(config))
 
 
 def prompt_init_ids(tokenizer: Any, text: str, num_virtual_tokens: int) -> list[int]:
@@ -60,16 +65,17 @@ def with_prompt_from_ids(params: Any, ids: list[int]) -> Any:
 
 
 def _abstract_params(setup: Any) -> tuple[Any, Any]:
-  """(abstract trainable, abstract frozen) param trees carrying their shardings."""
+  """(abstract trainable, abstract frozen) param trees carrying their shardings; the frozen part as
+  the base stores it (float, before `train.frozen_quant`)."""
   return (checkpoint.abstract_with_shardings(setup.abstract_state.params, setup.state_shardings.params),
-          checkpoint.abstract_with_shardings(setup.abstract_state.frozen, setup.state_shardings.frozen))
+          setup.frozen_source)
 
 
 def load_frozen(config: Any, setup: Any) -> Any:
   """The frozen part, re-read from `init_from` (used on resume when checkpoints hold only the
-  trainable part); cast to `train.frozen_dtype` by the restore itself."""
+  trainable part); cast to `train.frozen_dtype` by the restore itself, then quantized if asked."""
   trainable, frozen = _abstract_params(setup)
-  return model_dir.base_params(config.init_from, frozen, optim.merge_params(trainable, frozen))
+  return setup.prepare_frozen(model_dir.base_params(config.init_from, frozen, optim.merge_params(trainable, frozen)))
 
 
 def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> Any | None:
@@ -82,10 +88,13 @@ def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> A
   if not config.init_from and not init_text:
     return None
   flat = traverse_util.flatten_dict(optim.merge_params(*_abstract_params(setup)))
-  new = {k for k in flat if k[0] == "prompt"}  # parameters a base model does not have
+  # Parameters a base model does not have: a prompt, LoRA adapters.
+  new = {k for k in flat if k[0] == "prompt" or k[-1] in (lora.LORA_A, lora.LORA_B)}
   params = {}
   if new or init_text or not config.init_from:  # a random init for what is not loaded
     params = traverse_util.flatten_dict(optim.merge_params(*_host_init(setup, rng)))
+    # int8 kernels (frozen_quant, which needs init_from) are replaced by the base's float ones below.
+    params = {k: v for k, v in params.items() if k[-1] != lora.KERNEL_SCALE}
   if config.init_from:
     loaded = model_dir.base_params(config.init_from, traverse_util.unflatten_dict(
         {k: v for k, v in flat.items() if k not in new}), traverse_util.unflatten_dict(flat))
@@ -131,11 +140,14 @@ def memory_report(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, 
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
   state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
   mine = step_memory_bytes(compile_steps(setup, config, mesh)[0], state, batch, rng)
+  full_model_cfg = dataclasses.replace(model_cfg, lora_rank=0)
   full_config = config.copy_and_resolve_references()
   with full_config.unlocked():
     full_config.train.trainable = ""
     full_config.train.frozen_dtype = ""
-  full_setup = make_setup(full_config, model_cfg, mesh)
+    full_config.train.frozen_quant = ""
+    full_config.model.lora_rank = 0  # full fine-tuning of the base model, without adapters
+  full_setup = make_setup(full_config, full_model_cfg, mesh)
   full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
   full = step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)
   return (f"step memory per device: {mine / 2**20:.1f} MiB (full fine-tuning: {full / 2**20:.1f} MiB, "
@@ -143,7 +155,7 @@ def memory_report(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, 
 
 def parameter_report(setup: Any) -> str:
   trainable = count_params(setup.abstract_state.params)
-  total = trainable + count_params(setup.abstract_state.frozen)
+  total = trainable + count_params(setup.frozen_source)  # int8 scales are not parameters
   return (f"parameters: {trainable:,} trainable of {total:,} total ({100 * trainable / max(total, 1):.4f}%)")
 
 
@@ -188,7 +200,7 @@ def from_peft(adapter_dir: str) -> tuple[np.ndarray, dict]:
   with open(config_path, encoding="utf-8") as f:
     peft_config = json.load(f)
   if peft_config.get("peft_type") != "PROMPT_TUNING":
-    raise ConvertError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING "
+    raise ConvertError(f"{config_path}: peft_type={peft_config.get('peft_type')!r}; only PROMPT_TUNING and LORA "
                        "adapters are supported.")
   weights = os.path.join(adapter_dir, PEFT_WEIGHTS)
   if not os.path.isfile(weights):

@@ -14,9 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from jaxllm import faults, optim
-from jaxllm.models import ModelConfig, build_model
+from jaxllm.models import ModelConfig, build_model, lora
 from jaxllm.models.gpt import GPT, output_head
 from jaxllm.sharding import logical_shardings, replicated
 from jaxllm.losses import chunked_cross_entropy
@@ -35,6 +36,10 @@ class Setup:
   abstract_state: TrainState
   init_fn: Callable[[jax.Array], TrainState]
   loss_fn: LossFn | None = None  # None: cross-entropy of apply_fn's logits
+  # The frozen part as a base model directory stores it (with its shardings, in train.frozen_dtype),
+  # and the jitted function that turns that into `abstract_state.frozen` (int8 with frozen_quant).
+  frozen_source: Any = None
+  prepare_frozen: Callable[[Any], Any] | None = None
 
 
 def lm_apply_fn(model: nn.Module):
@@ -76,7 +81,8 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
   optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
   optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)
-  trainable_pattern = config.train.get("trainable", "")
+  trainable_pattern = optim.trainable_pattern(config)
+  frozen_quant = config.train.get("frozen_quant", "")  # "" or "int8" (config.validate checks)
 
   def init_params(rng):
     return model.init(rng, dummy_inputs(seq_len))["params"]
@@ -84,11 +90,22 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
   boxed_params = jax.eval_shape(init_params, jax.random.key(0))
   param_shardings = logical_shardings(boxed_params, mesh)
   abstract_params = nn.meta.unbox(boxed_params)
+  lora.check_targets(traverse_util.flatten_dict(abstract_params), model_cfg)
   trainable_abs, frozen_abs = optim.partition_params(abstract_params, trainable_pattern)
   trainable_sh, frozen_sh = optim.partition_params(param_shardings, trainable_pattern)
   frozen_dtype = config.train.get("frozen_dtype", "")  # e.g. bfloat16: frozen weights in half the memory
   if frozen_dtype:
     frozen_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(frozen_dtype)), frozen_abs)
+  frozen_source = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen_abs, frozen_sh)
+
+  def quantize(frozen):
+    if not frozen_quant:
+      return frozen
+    return traverse_util.unflatten_dict(lora.quantize_tree(traverse_util.flatten_dict(frozen)))
+
+  if frozen_quant:
+    frozen_abs = jax.eval_shape(quantize, frozen_abs)
+    frozen_sh = _quantized_shardings(frozen_abs, frozen_sh, mesh)
   abstract_opt = jax.eval_shape(optimizer.init, trainable_abs)
   opt_shardings = optax.tree_map_params(
       optimizer, lambda _, sharding: sharding, abstract_opt, trainable_sh,
@@ -104,6 +121,7 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
     trainable, frozen = optim.partition_params(params, trainable_pattern)
     if frozen_dtype:
       frozen = jax.tree.map(lambda x: x.astype(frozen_dtype), frozen)
+    frozen = quantize(frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
                       opt_state=optimizer.init(trainable))
 
@@ -113,7 +131,25 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
   loss_fn = chunked_lm_loss(step_model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
   return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
                apply_fn=apply_fn_factory(step_model), state_shardings=state_shardings,
-               abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn)
+               abstract_state=abstract_state, init_fn=init_fn, loss_fn=loss_fn,
+               frozen_source=frozen_source,
+               prepare_frozen=jax.jit(quantize, out_shardings=frozen_sh, donate_argnums=(0,)))
+
+
+def _quantized_shardings(frozen_abs: Any, frozen_sh: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Shardings of the quantized frozen tree: a kernel keeps its own, its scale the kernel's on the
+  output dims (the input dims, of size 1, unsharded)."""
+  flat_sh = traverse_util.flatten_dict(frozen_sh)
+  out = {}
+  for path, leaf in traverse_util.flatten_dict(frozen_abs).items():
+    if path in flat_sh:
+      out[path] = flat_sh[path]
+      continue
+    spec = tuple(flat_sh[path[:-1] + ("kernel",)].spec)
+    spec += (None,) * (leaf.ndim - len(spec))
+    out[path] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        *[None if dim == 1 else axes for dim, axes in zip(leaf.shape, spec)]))
+  return traverse_util.unflatten_dict(out)
 
 
 def compile_steps(setup: Setup, config: Any, mesh: jax.sharding.Mesh):

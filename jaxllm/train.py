@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm import checkpoint, distributed, faults, hardware, killpoints, peft, preemption, wandb_run
+from jaxllm import (checkpoint, distributed, faults, hardware, killpoints, optim, peft, preemption,
+                    wandb_run)
 from jaxllm import workdir as workdir_lib
 from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
 from jaxllm.config import validate
@@ -85,8 +86,9 @@ class HeldOut:
 
 # Keys of config.model that say how to run a model, not what it is: with init_from they stay the
 # recipe's; every other model key comes from the init_from directory's config.json.
-# num_virtual_tokens: a prompt is an adapter on the base, not the base's architecture.
-RUNTIME_MODEL_KEYS = workdir_lib.RUNTIME_MODEL_KEYS + ("num_virtual_tokens",)
+# num_virtual_tokens, lora_*: a prompt or LoRA adapters are added to the base, not its architecture.
+RUNTIME_MODEL_KEYS = workdir_lib.RUNTIME_MODEL_KEYS + ("num_virtual_tokens", "lora_rank", "lora_alpha",
+                                                       "lora_dropout", "lora_targets")
 
 
 def adopt_init_from_architecture(config: Any) -> list[str]:
@@ -219,7 +221,7 @@ def announce(r: Run, writer: MetricsWriter, adopted: list[str]) -> None:
               f"{config.train.batch_size * config.data.seq_len} tokens/step; "
               f"start at step {r.start_step} of {config.train.steps}")
   writer.text(attention_line(config, r.model_cfg))
-  if config.train.get("trainable", "") and r.start_step == 0:
+  if optim.trainable_pattern(config) and r.start_step == 0:
     report = peft.parameter_report(r.setup)
     if config.train.memory_report:  # compiles a full fine-tuning step too, only for this line
       report += "; " + peft.memory_report(config, r.model_cfg, r.mesh, r.setup)

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from jaxllm import optim
 from jaxllm.errors import ConfigError
 
 # Model keys that say how to run a model, not what it is: a resumed run may change them.
@@ -71,7 +72,8 @@ def check_resumable(config: Any, workdir: str) -> None:
   # Prefix-LM changes what attention sees, so what the checkpoint's weights were trained for;
   # a run saved before the key existed was causal.
   changed += _changes(saved.get("sft", {"prefix_lm": False}), new.get("sft", {}), ("prefix_lm",), "sft")
-  if saved.get("init_from", "") != new.get("init_from", "") and saved.get("train", {}).get("trainable"):
+  by_reference = optim.trainable_pattern({"train": saved.get("train", {}), "model": saved_model})
+  if saved.get("init_from", "") != new.get("init_from", "") and by_reference:
     changed.append(f"init_from={new.get('init_from')!r} (the run has {saved.get('init_from')!r})")
   if changed:
     raise ConfigError(f"--workdir {workdir} holds a run with another config: {changed[0]}"

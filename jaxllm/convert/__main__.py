@@ -2,7 +2,8 @@
 
   python -m jaxllm.convert from-hf HF_DIR OUT_DIR [--param-dtype float32] [--overwrite]
   python -m jaxllm.convert to-hf CKPT_DIR HF_DIR [--step N] [--max-shard-size 2GB] [--dtype float32] [--overwrite]
-  python -m jaxllm.convert to-peft RUN_DIR ADAPTER_DIR     (prompt tuning; see jaxllm/convert_peft.py)
+                                [--merge-lora]
+  python -m jaxllm.convert to-peft RUN_DIR ADAPTER_DIR     (prompt tuning, LoRA; see jaxllm/convert_peft.py)
   python -m jaxllm.convert from-peft ADAPTER_DIR RUN_DIR --base MODEL_DIR
 """
 
@@ -33,9 +34,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                  help="dtype of the written weights (default float32)")
   p.add_argument("--overwrite", action="store_true", help="replace HF_DIR if it is not empty")
+  p.add_argument("--merge-lora", action="store_true",
+                 help="a LoRA run: write the base with the adapters merged in (W + lora_alpha/rank A B)")
   # main hands these to jaxllm.convert_peft before parsing; listed here for --help and typos.
-  sub.add_parser("to-peft", help="a jaxllm prompt-tuning run -> a PEFT adapter directory", add_help=False)
-  sub.add_parser("from-peft", help="a PEFT prompt-tuning adapter -> a jaxllm run directory", add_help=False)
+  sub.add_parser("to-peft", help="a jaxllm prompt-tuning or LoRA run -> a PEFT adapter directory", add_help=False)
+  sub.add_parser("from-peft", help="a PEFT prompt-tuning or LoRA adapter -> a jaxllm run directory", add_help=False)
   return parser.parse_args(argv)
 
 
@@ -63,7 +66,7 @@ def _convert(args: argparse.Namespace) -> None:
       print(note)
   else:
     arch = to_hf(args.ckpt_dir, args.hf_dir, step=args.step, max_shard_size=args.max_shard_size,
-                 dtype=args.dtype, overwrite=args.overwrite)
+                 dtype=args.dtype, overwrite=args.overwrite, merge_lora=args.merge_lora)
     print(f"wrote {args.hf_dir} as {arch.name} (load with transformers.{arch.auto_class})")
 
 

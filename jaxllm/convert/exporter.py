@@ -26,6 +26,7 @@ from jaxllm.model_dir import load_model_dir, trained_prefix_lm
 from jaxllm.convert.base import Architecture, ConvertError
 from jaxllm.convert.importer import default_mesh, finish_output, prepare_output
 from jaxllm.models import ModelConfig, stacking
+from jaxllm.models.lora import LORA_A, LORA_B, merge_tree
 from jaxllm.sharding import logical_shardings
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -109,9 +110,10 @@ def write_weights(hf_dir: str, rules, params: dict, dtype: str, max_bytes: int) 
 
 
 def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_size: str | int = "2GB",
-          dtype: str = "float32", overwrite: bool = False,
+          dtype: str = "float32", overwrite: bool = False, merge_lora: bool = False,
           mesh: jax.sharding.Mesh | None = None) -> Architecture:
-  """Writes the model of `model_dir` (at `step`, default the latest) as a HF directory; returns its architecture."""
+  """Writes the model of `model_dir` (at `step`, default the latest) as a HF directory; returns its
+  architecture. `merge_lora`: fold a LoRA run's adapters into the weights (W + scale A B)."""
   if dtype not in DTYPES:
     raise ConvertError(f"--dtype={dtype!r} is not one of {tuple(DTYPES)}.")
   max_bytes = parse_size(max_shard_size)
@@ -133,7 +135,16 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
   if tokenizer is None and tokenizer_path and os.path.isdir(tokenizer_path):
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # a run given data.tokenizer keeps none
-  flat = stacking.UnrolledView(traverse_util.flatten_dict(params, sep="/"))  # the rules name layer_i
+  flat = traverse_util.flatten_dict(params, sep="/")
+  has_lora = any(k.endswith((f"/{LORA_A}", f"/{LORA_B}")) for k in flat)
+  if has_lora and not merge_lora:
+    raise ConvertError(f"{model_dir}: the model has LoRA adapters; pass --merge-lora to fold them into the "
+                       "weights, or write them as a PEFT adapter with `to-peft`.")
+  if merge_lora and not has_lora:
+    raise ConvertError(f"{model_dir}: --merge-lora given but the model has no LoRA adapters (model.lora_rank=0).")
+  if has_lora:
+    flat = merge_tree({k: jax.device_get(v) for k, v in flat.items()}, model_cfg)
+  flat = stacking.UnrolledView(flat)  # the rules name layer_i
   rules = arch.rules(model_cfg)
   extra = sorted(set(flat) - {p for rule in rules for p in rule.params})
   if extra:

@@ -127,6 +127,8 @@ def card_text(run_config: dict[str, Any], model_dir: str, hf_dir: str, arch: Arc
         ("task", f"`{run_config.get('task', 'causal_lm')}`"),
         ("data", describe_data(data)),
         ("started from", f"`{run_config['init_from']}`" if run_config.get("init_from") else "random initialisation"),
+        *([("fine-tuning", f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on `{cfg.lora_targets}`, "
+                            "merged into these weights")] if cfg.lora_rank else []),
         ("steps", f"{step} (of {train.get('steps', step)} planned)"),
         ("tokens", f"{tokens:,} ({step} steps x {batch} sequences x {seq_len} tokens, padding included)"),
         ("optimizer", f"AdamW, lr {optim.get('lr')} (warmup {optim.get('warmup_steps')} steps, cosine to "

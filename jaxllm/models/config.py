@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Every linear layer of the blocks, as QLoRA (Dettmers et al. 2023) found best.
+DEFAULT_LORA_TARGETS = r"attn/(query|key|value|out)$|mlp/(wi|wo|wi_gate|wi_up)$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,12 @@ class ModelConfig:
   # time; 1 elsewhere and for deeper models). Parameters stay stacked either way.
   scan_unroll: int = 0
   num_virtual_tokens: int = 0    # prompt tuning: learned embeddings `prompt/embedding` before every input
+  # LoRA (jaxllm/models/lora.py): rank 0 = off; adapters on the linear layers whose module path
+  # ("layers/attn/query", "layer_3/mlp/wi") the regex lora_targets matches; scale lora_alpha / rank.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = DEFAULT_LORA_TARGETS
   # BERT only.
   type_vocab_size: int = 2
   use_pooler: bool = False
@@ -73,6 +82,14 @@ class ModelConfig:
                           ("family", ("gpt", "bert"))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
+    if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+      raise ValueError(f"model.lora_rank={self.lora_rank} must be >= 0 (0 = off) and model.lora_dropout="
+                       f"{self.lora_dropout} in [0, 1).")
+    if self.lora_rank:
+      try:
+        re.compile(self.lora_targets)
+      except re.error as e:
+        raise ValueError(f"model.lora_targets={self.lora_targets!r} is not a regular expression ({e}).") from e
     if self.position == "rotary" and self.head_dim % 2:
       raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}.")
 

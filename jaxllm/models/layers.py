@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jaxllm.models.cpu_matmul as cpu_matmul
 from jaxllm.models.attention import attention
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.lora import Linear, matmul_dot_general  # noqa: F401  (matmul_dot_general: re-exported)
 from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
@@ -57,12 +58,6 @@ def gelu_exact(x: Array) -> Array:
   flax's form uses erfc, which XLA's CPU backend evaluates at ~30% of a small GPT's step."""
   x32 = x.astype(jnp.float32)
   return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * (1 / math.sqrt(2))))).astype(x.dtype)
-
-
-def matmul_dot_general(cfg: ModelConfig):
-  """The dot_general every Dense/DenseGeneral of the blocks uses (`model.matmul_impl`): plain
-  lax.dot_general, or on the CPU backend the variant with a CPU-laid-out backward."""
-  return cpu_matmul.matmul_dot_general if cfg.cpu_matmul else jax.lax.dot_general
 
 
 def tied_logits(x: Array, embedding: Array, cfg: ModelConfig) -> Array:
@@ -147,13 +142,11 @@ class Attention(nn.Module):
                deterministic: bool = True, cache: KVCache | None = None,
                cache_index: Array | None = None) -> Array | tuple[Array, KVCache]:
     cfg = self.cfg
-    dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
-        features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=dense_init(cfg.init_std, ("embed",) + axes),
-        bias_init=zeros_init(axes), name=name, dot_general=matmul_dot_general(cfg))
-    q = dense((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), "query")(x)
-    k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "key")(x)
-    v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "value")(x)
+    dense = lambda features, axes, name: Linear(  # noqa: E731
+        cfg, features, ("embed",) + axes, cfg.init_std, name=name)
+    q = dense((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), "query")(x, deterministic)
+    k = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "key")(x, deterministic)
+    v = dense((cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim"), "value")(x, deterministic)
     # q [batch, seq, heads, head_dim]; k, v [batch, seq, kv_heads, head_dim]
     q = constrain(q, ("activation_batch", "activation_seq", "activation_heads", None), self.mesh)
     k = constrain(k, ("activation_batch", "activation_seq", "activation_kv_heads", None), self.mesh)
@@ -172,10 +165,8 @@ class Attention(nn.Module):
                       impl=cfg.attention_impl, mesh=self.mesh)
     out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    out = nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype, kernel_init=dense_init(out_std, ("heads", "head_dim", "embed")),
-        bias_init=zeros_init(("embed",)), name="out", dot_general=matmul_dot_general(cfg))(out)
+    out = Linear(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), out_std, num_inputs=2,
+                 name="out")(out, deterministic)
     return out if cache is None else (out, cache)
 
 
@@ -187,17 +178,14 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     cfg = self.cfg
-    dense = lambda features, axes, std, name: nn.Dense(  # noqa: E731
-        features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=dense_init(std, axes), bias_init=zeros_init(axes[-1:]), name=name,
-        dot_general=matmul_dot_general(cfg))
+    dense = lambda features, axes, std, name: Linear(cfg, (features,), axes, std, name=name)  # noqa: E731
     act = activation_fn(cfg.activation)
     if cfg.activation in ("swiglu", "geglu"):
-      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_gate")(x))
-      h = h * dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_up")(x)
+      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_gate")(x, deterministic))
+      h = h * dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi_up")(x, deterministic)
     else:
-      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi")(x))
+      h = act(dense(cfg.d_ff, ("embed", "mlp"), cfg.init_std, "wi")(x, deterministic))
     h = constrain(h, ("activation_batch", "activation_seq", "activation_mlp"), self.mesh)  # [batch, seq, d_ff]
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    return dense(cfg.d_model, ("mlp", "embed"), out_std, "wo")(h)
+    return dense(cfg.d_model, ("mlp", "embed"), out_std, "wo")(h, deterministic)
