@@ -24,13 +24,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: Any, num_devices: int) -> ModelConfig:
-  """Checks values against each other and the hardware; returns the ModelConfig."""
+  """Checks values against each other and the hardware; returns the ModelConfig.
+
+  `config` is the ConfigDict or the RunConfig built from it (an unknown key is a ConfigError)."""
   from jaxllm import faults  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import mesh_shape  # pylint: disable=import-outside-toplevel
-  try:
-    model_cfg = ModelConfig.from_config(config.model)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(str(e)) from e
+  config = RunConfig.of(config)
+  model_cfg = config.model
   data, fsdp, _ = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
   t = config.train
   if t.steps <= 0:
@@ -45,7 +45,7 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
   if config.data.seq_len > model_cfg.max_seq_len and model_cfg.position == "learned":
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}.")
   num_virtual = model_cfg.num_virtual_tokens
-  if num_virtual and config.data.get("packing", "") == "document":
+  if num_virtual and config.data.packing == "document":
     raise ConfigError("prompt tuning (model.num_virtual_tokens) cannot be combined with data.packing="
                       "'document': each example needs the prompt before it; use task='sft' with "
                       "data.packing='concat' (one padded example per row).")
@@ -55,7 +55,7 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
   if num_virtual and model_cfg.position == "learned" and config.data.seq_len + num_virtual > model_cfg.max_seq_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} + model.num_virtual_tokens={num_virtual} exceeds "
                       f"model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len.")
-  if config.train.get("prompt_init_text", "") and not num_virtual:
+  if t.prompt_init_text and not num_virtual:
     raise ConfigError("train.prompt_init_text is set but model.num_virtual_tokens=0; set it (e.g. 20).")
   if config.sft.prefix_lm:
     if config.task != "sft":
@@ -66,8 +66,8 @@ def validate(config: Any, num_devices: int) -> ModelConfig:
                         "each prompt token would see the token it is trained to predict; turn one off.")
   faults.validate(t)
   for key in ("log_every", "eval_every", "checkpoint_every"):
-    if t[key] <= 0:
-      raise ConfigError(f"train.{key}={t[key]} must be positive.")
+    if getattr(t, key) <= 0:
+      raise ConfigError(f"train.{key}={getattr(t, key)} must be positive.")
   return model_cfg
 
 

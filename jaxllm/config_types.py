@@ -47,6 +47,11 @@ class Section:
     return cls(**{k: v for k, v in values.items() if k in names})
 
   @classmethod
+  def of(cls, section: Any):
+    """`section` if it is already typed, else built from the ConfigDict section."""
+    return section if isinstance(section, cls) else cls.from_config(section)
+
+  @classmethod
   def defaults(cls) -> dict[str, Any]:
     """Key -> default, the section default_config() holds."""
     return {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
