@@ -130,6 +130,20 @@ class DataConfig(_SourceKeys):
     values.update(overrides, on_bad_record=self.on_bad_record)
     return SourceConfig(**values)
 
+  def resolved_sources(self) -> dict[str, SourceConfig]:
+    """name -> each source: the top-level keys ("main"), or each `data.sources.NAME` entry over them."""
+    if not self.sources:
+      return {"main": self.source_config()}
+    resolved = {}
+    for name, entry in self.sources.items():
+      unknown = set(entry) - set(SOURCE_KEYS) - {"weight"}
+      if unknown:
+        raise ConfigError(f"data.sources.{name}: unknown keys {sorted(unknown)}; use {SOURCE_KEYS + ('weight',)}.")
+      resolved[name] = self.source_config(**entry)
+      if float(resolved[name].weight) <= 0:
+        raise ConfigError(f"data.sources.{name}.weight must be positive.")
+    return resolved
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(Section):

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxllm import checkpoint, model_dir, peft
 from jaxllm.cli import ArgumentParser, run_command
+from jaxllm.config_types import RunConfig
 from jaxllm.errors import ConvertError
 from jaxllm.models import ModelConfig, abstract_params
 
@@ -33,11 +34,10 @@ def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> Non
     raise ConvertError(f"{run_dir}: model.num_virtual_tokens is 0; not a prompt-tuning run.")
   model = abstract_params(model_cfg)
   params = checkpoint.load_params(run_dir, {"prompt": model["prompt"]}, expected=model)
-  train_cfg = run_config.get("train", {})
+  saved = RunConfig.from_config(run_config, strict=False)
   peft.to_peft(np.asarray(params["prompt"]["embedding"]), out_dir, model_cfg,
-               base_model_name_or_path=base_model or run_config.get("init_from") or None,
-               init_text=train_cfg.get("prompt_init_text", ""),
-               tokenizer_name_or_path=run_config.get("data", {}).get("tokenizer") or None)
+               base_model_name_or_path=base_model or saved.init_from or None,
+               init_text=saved.train.prompt_init_text, tokenizer_name_or_path=saved.data.tokenizer or None)
 
 
 def import_adapter(adapter_dir: str, base_dir: str, out_dir: str) -> None:

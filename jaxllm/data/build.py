@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import grain
 import jax
 
-from jaxllm.config_types import SOURCE_KEYS, DataConfig, RunConfig, SourceConfig
+from jaxllm.config_types import DataConfig, RunConfig, SourceConfig
 from jaxllm.errors import ConfigError
 from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, num_data_shards, take_batches
@@ -36,19 +36,7 @@ class LMData:
 
 def source_configs(data_cfg: DataConfig | Any) -> dict[str, SourceConfig]:
   """name -> the resolved config of each source (top-level keys overridden by `data.sources.NAME`)."""
-  data_cfg = DataConfig.of(data_cfg)
-  if not data_cfg.sources:
-    return {"main": data_cfg.source_config()}
-  resolved = {}
-  for name, entry in data_cfg.sources.items():
-    unknown = set(entry) - set(SOURCE_KEYS) - {"weight"}
-    if unknown:
-      raise ConfigError(f"data.sources.{name}: unknown keys {sorted(unknown)}; use {SOURCE_KEYS + ('weight',)}.")
-    cfg = data_cfg.source_config(**entry)
-    if float(cfg.weight) <= 0:
-      raise ConfigError(f"data.sources.{name}.weight must be positive.")
-    resolved[name] = cfg
-  return resolved
+  return DataConfig.of(data_cfg).resolved_sources()
 
 
 class _Source:
