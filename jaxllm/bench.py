@@ -103,18 +103,20 @@ def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
   import jax  # pylint: disable=import-outside-toplevel
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxllm.config import validate  # pylint: disable=import-outside-toplevel
+  from jaxllm.config_types import RunConfig  # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import batch_sharding, make_global_batch  # pylint: disable=import-outside-toplevel
   from jaxllm.state import compile_steps, make_setup  # pylint: disable=import-outside-toplevel
 
   config = config.copy_and_resolve_references()
   config.model.remat = remat
+  config = RunConfig.from_config(config)
   model_cfg = validate(config, jax.device_count())
   setup = make_setup(config, model_cfg, mesh)
   jit_train, _ = compile_steps(setup, config, mesh)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
   row = Row(f"jaxllm remat={remat}")
   abstract_state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  packing = config.data.get("packing", "concat")
+  packing = config.data.packing
   host_batch = random_batch(batch_size, seq_len, model_cfg.vocab_size, packing=packing)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
                     for k, v in host_batch.items()}

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from jaxllm import checkpoint, model_dir, peft
 from jaxllm.cli import ArgumentParser, run_command
+from jaxllm.config_types import RunConfig
 from jaxllm.convert import lora as lora_convert
 from jaxllm.convert.exporter import pick_architecture
 from jaxllm.errors import ConvertError
@@ -46,11 +47,10 @@ def export_run(run_dir: str, out_dir: str, base_model: str | None = None) -> Non
                        "or LoRA run (export a plain model with `to-hf`).")
   model = abstract_params(model_cfg)
   params = checkpoint.load_params(run_dir, {"prompt": model["prompt"]}, expected=model)
-  train_cfg = run_config.get("train", {})
+  saved = RunConfig.from_config(run_config, strict=False)
   peft.to_peft(np.asarray(params["prompt"]["embedding"]), out_dir, model_cfg,
-               base_model_name_or_path=base_model or run_config.get("init_from") or None,
-               init_text=train_cfg.get("prompt_init_text", ""),
-               tokenizer_name_or_path=run_config.get("data", {}).get("tokenizer") or None)
+               base_model_name_or_path=base_model or saved.init_from or None,
+               init_text=saved.train.prompt_init_text, tokenizer_name_or_path=saved.data.tokenizer or None)
 
 
 def export_lora(run_dir: str, out_dir: str, run_config: dict, model_cfg: ModelConfig,
@@ -69,7 +69,7 @@ def export_lora(run_dir: str, out_dir: str, run_config: dict, model_cfg: ModelCo
   save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
   os.replace(weights + ".tmp", weights)
   checkpoint.write_json(os.path.join(out_dir, peft.PEFT_CONFIG), lora_convert.peft_config(
-      fields, model_cfg, base_model or run_config.get("init_from") or None))
+      fields, model_cfg, base_model or RunConfig.from_config(run_config, strict=False).init_from or None))
 
 
 def import_lora(adapter_dir: str, peft_config: dict, base_dir: str, out_dir: str) -> None:

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import optax
 
+from jaxllm.config_types import TrainConfig
+
 POLICIES = ("skip", "stop")
 COUNTERS = ("nonfinite_in_a_row", "nonfinite_total")  # metric names
 # apply_if_finite gives up and applies a bad update after this many in a row; the
@@ -45,24 +47,24 @@ def counters(opt_state: Any) -> dict[str, jnp.ndarray]:
   return dict(zip(COUNTERS, (in_a_row, total)))
 
 
-def validate(train_cfg: Any) -> None:
+def validate(train_cfg: TrainConfig) -> None:
   from jaxllm.errors import ConfigError  # pylint: disable=import-outside-toplevel
-  policy = train_cfg.get("nonfinite_policy", "skip")
+  policy = train_cfg.nonfinite_policy
   if policy not in POLICIES:
     raise ConfigError(f"train.nonfinite_policy={policy!r} is not known; use one of {POLICIES}.")
-  if train_cfg.get("max_nonfinite_in_a_row", 10) < 0:
+  if train_cfg.max_nonfinite_in_a_row < 0:
     raise ConfigError(f"train.max_nonfinite_in_a_row={train_cfg.max_nonfinite_in_a_row} must be >= 0 "
                       "(0 = never stop).")
 
 
-def limit(train_cfg: Any) -> int:
+def limit(train_cfg: TrainConfig) -> int:
   """How many non-finite steps in a row stop the run (0 = never)."""
-  if train_cfg.get("nonfinite_policy", "skip") == "stop":
+  if train_cfg.nonfinite_policy == "stop":
     return 1
-  return int(train_cfg.get("max_nonfinite_in_a_row", 10))
+  return int(train_cfg.max_nonfinite_in_a_row)
 
 
-def violation(fetched: Sequence[dict[str, Any]], first_step: int, train_cfg: Any) -> str | None:
+def violation(fetched: Sequence[dict[str, Any]], first_step: int, train_cfg: TrainConfig) -> str | None:
   """Why the host-side metrics of steps first_step, first_step + 1, ... stop the run (None: they don't)."""
   max_in_a_row = limit(train_cfg)
   if not max_in_a_row:
@@ -72,8 +74,8 @@ def violation(fetched: Sequence[dict[str, Any]], first_step: int, train_cfg: Any
     if in_a_row >= max_in_a_row:
       step = first_step + offset
       return (f"non-finite loss/gradients in {in_a_row} step(s) in a row (steps {step - in_a_row + 1}-{step}; "
-              f"train.nonfinite_policy={train_cfg.get('nonfinite_policy', 'skip')!r}, "
-              f"max_nonfinite_in_a_row={train_cfg.get('max_nonfinite_in_a_row', 10)}); those updates were "
+              f"train.nonfinite_policy={train_cfg.nonfinite_policy!r}, "
+              f"max_nonfinite_in_a_row={train_cfg.max_nonfinite_in_a_row}); those updates were "
               "skipped and the last checkpoint is intact. Lower optim.lr, raise optim.warmup_steps or check "
               "the data, then rerun to resume.")
   return None

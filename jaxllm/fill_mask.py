@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fill_mask_cmd(args) -> None:
   from jaxllm import checkpoint, model_dir  # pylint: disable=import-outside-toplevel
+  from jaxllm.config_types import DataConfig  # pylint: disable=import-outside-toplevel
   from jaxllm.models import build_model  # pylint: disable=import-outside-toplevel
   from jaxllm.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   model_cfg, params, tokenizer = model_dir.load_model_dir(args.checkpoint)
   if model_cfg.family != "bert":
     raise GenerationError(f"{args.checkpoint} holds a model.family={model_cfg.family!r} model; "
                           "fill-mask needs a BERT (model.family='bert').")
-  tok_dir = args.tokenizer or checkpoint.read_run_config(args.checkpoint).get("data", {}).get("tokenizer", "")
+  tok_dir = args.tokenizer or DataConfig.from_config(checkpoint.read_run_config(args.checkpoint).get("data"),
+                                                     strict=False).tokenizer
   if args.tokenizer or tokenizer is None:
     if not tok_dir:
       raise FileNotFoundError(f"{args.checkpoint} has no tokenizer/ directory; pass --tokenizer DIR.")

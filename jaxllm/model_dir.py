@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from jaxllm import checkpoint, optim
+from jaxllm.config_types import RunConfig
 from jaxllm.errors import CheckpointError
 from jaxllm.models import ModelConfig, abstract_params
 from jaxllm.sharding import logical_shardings
@@ -50,12 +51,12 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
   `shardings` (a callable abstract_params -> shardings tree) places them on a mesh; `step`
   picks a saved step (default: the latest)."""
   run_config = checkpoint.read_run_config(path)
-  if run_config.get("init_from") and optim.trainable_pattern(run_config):
+  saved = RunConfig.from_config(run_config, strict=False)
+  if saved.init_from and optim.trainable_pattern(saved):
     # A parameter-efficient run (prompt tuning, LoRA): its checkpoint holds only what trained.
     model_cfg, params = read_prompt_tuned(path, run_config, shardings)
     tokenizer = None
-    for tok_dir in (os.path.join(path, "tokenizer"), run_config.get("data", {}).get("tokenizer", ""),
-                    os.path.join(run_config["init_from"], "tokenizer")):
+    for tok_dir in (os.path.join(path, "tokenizer"), saved.data.tokenizer, os.path.join(saved.init_from, "tokenizer")):
       if tok_dir and os.path.isdir(tok_dir):
         from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -75,8 +76,8 @@ def load_model_dir(path: str, shardings: Any = None, step: int | None = None):
 def trained_prefix_lm(path: str) -> bool:
   """Whether the model in `path` was trained as a prefix-LM (`sft.prefix_lm`): its prompts are
   then prefilled with bidirectional attention. Configs written before the key read as False."""
-  run_config = checkpoint.read_run_config(path)
-  return run_config.get("task") == "sft" and bool(run_config.get("sft", {}).get("prefix_lm", False))
+  saved = RunConfig.from_config(checkpoint.read_run_config(path), strict=False)
+  return saved.task == "sft" and saved.sft.prefix_lm
 
 
 def save_model_dir(path: str, run_config: dict, params: Any, tokenizer: Any = None, step: int = 0) -> None:

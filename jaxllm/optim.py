@@ -15,6 +15,7 @@ from typing import Any
 import optax
 from flax import traverse_util
 
+from jaxllm.config_types import OptimConfig, RunConfig
 from jaxllm.errors import ConfigError
 from jaxllm.models.lora import LORA_PATTERN
 
@@ -25,10 +26,10 @@ NO_DECAY_NAMES = frozenset({"bias", "scale", "embed", "embedding", "pos_embed", 
 EMBEDDING_NAMES = frozenset({"embed", "embedding", "pos_embed"})
 
 
-def learning_rate_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `lr`, then cosine decay to `min_lr` at `optim.decay_steps`
   (0 = `total_steps`; set it to extend a run later without changing its schedule)."""
-  total_steps = optim_cfg.get("decay_steps", 0) or total_steps
+  total_steps = optim_cfg.decay_steps or total_steps
   warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup,
@@ -46,12 +47,12 @@ def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
       for path, leaf in flat.items()})
 
 
-def build_optimizer(optim_cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(optim_cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   transforms = []
   if optim_cfg.grad_clip and optim_cfg.grad_clip > 0:
     transforms.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
-  mask = functools.partial(decay_mask, decay_embeddings=optim_cfg.get("decay_embeddings", False))
+  mask = functools.partial(decay_mask, decay_embeddings=optim_cfg.decay_embeddings)
   transforms.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                                 weight_decay=optim_cfg.weight_decay, mask=mask))
   return optax.chain(*transforms), schedule
@@ -63,11 +64,11 @@ def path_str(path: tuple[str, ...]) -> str:
 
 def trainable_pattern(config: Any) -> str:
   """The run's trainable regex: `train.trainable`, or for a LoRA run (model.lora_rank > 0) that
-  leaves it empty, the adapters alone (`models.lora.LORA_PATTERN`). `config`: a ConfigDict or the
-  dict of a run's config.json."""
-  pattern = config["train"].get("trainable", "")
-  if pattern or not config["model"].get("lora_rank", 0):
-    return pattern
+  leaves it empty, the adapters alone (`models.lora.LORA_PATTERN`). `config`: the RunConfig, the
+  ConfigDict or the dict of a run's config.json."""
+  config = RunConfig.of(config) if not isinstance(config, dict) else RunConfig.from_config(config, strict=False)
+  if config.train.trainable or not config.model.lora_rank:
+    return config.train.trainable
   return LORA_PATTERN
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint, model_dir, optim
+from jaxllm.config_types import RunConfig
 from jaxllm.errors import ConfigError, ConvertError
 from jaxllm.models import ModelConfig, lora
 
@@ -42,7 +43,7 @@ def count_params(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def frozen_by_reference(config: Any) -> bool:
+def frozen_by_reference(config: RunConfig) -> bool:
   """True when checkpoints keep only the trainable part and re-read the rest from init_from."""
   return bool(config.init_from) and bool(optim.trainable_pattern(config))
 
@@ -71,20 +72,20 @@ def _abstract_params(setup: Any) -> tuple[Any, Any]:
           setup.frozen_source)
 
 
-def load_frozen(config: Any, setup: Any) -> Any:
+def load_frozen(config: RunConfig, setup: Any) -> Any:
   """The frozen part, re-read from `init_from` (used on resume when checkpoints hold only the
   trainable part); cast to `train.frozen_dtype` by the restore itself, then quantized if asked."""
   trainable, frozen = _abstract_params(setup)
   return setup.prepare_frozen(model_dir.base_params(config.init_from, frozen, optim.merge_params(trainable, frozen)))
 
 
-def initial_params(config: Any, setup: Any, tokenizer: Any, rng: jax.Array) -> Any | None:
+def initial_params(config: RunConfig, setup: Any, tokenizer: Any, rng: jax.Array) -> Any | None:
   """The full parameter tree a run starts from, or None for a fresh random init.
 
   Parameters that the base (`init_from`) lacks, such as a new prompt, keep their random
   init; `train.prompt_init_text` then sets the prompt from the text's token embeddings.
   """
-  init_text = config.train.get("prompt_init_text", "")
+  init_text = config.train.prompt_init_text
   if not config.init_from and not init_text:
     return None
   flat = traverse_util.flatten_dict(optim.merge_params(*_abstract_params(setup)))
@@ -126,27 +127,24 @@ def step_memory_bytes(jitted_step: Any, *abstract_args: Any) -> int:
              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def memory_report(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, setup: Any) -> str:
+def memory_report(config: RunConfig | Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh, setup: Any) -> str:
   """Compiled per-device memory of this run's step beside that of full fine-tuning of the same model
   (it compiles both steps: `train.memory_report` asks for it)."""
   # pylint: disable=import-outside-toplevel
   from jaxllm.sharding import replicated
   from jaxllm.state import compile_steps, make_setup
+  config = RunConfig.of(config)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   shape = (config.train.batch_size, config.data.seq_len)
-  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.get("packing") == "document" else ())
+  keys = ("inputs", "targets") + (("positions", "segment_ids") if config.data.packing == "document" else ())
   batch = {k: jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding) for k in keys}
   batch["weights"] = jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
   state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
   mine = step_memory_bytes(compile_steps(setup, config, mesh)[0], state, batch, rng)
-  full_model_cfg = dataclasses.replace(model_cfg, lora_rank=0)
-  full_config = config.copy_and_resolve_references()
-  with full_config.unlocked():
-    full_config.train.trainable = ""
-    full_config.train.frozen_dtype = ""
-    full_config.train.frozen_quant = ""
-    full_config.model.lora_rank = 0  # full fine-tuning of the base model, without adapters
+  full_model_cfg = dataclasses.replace(model_cfg, lora_rank=0)  # full fine-tuning of the base, no adapters
+  full_config = dataclasses.replace(config, model=full_model_cfg, train=dataclasses.replace(
+      config.train, trainable="", frozen_dtype="", frozen_quant=""))
   full_setup = make_setup(full_config, full_model_cfg, mesh)
   full_state = checkpoint.abstract_with_shardings(full_setup.abstract_state, full_setup.state_shardings)
   full = step_memory_bytes(compile_steps(full_setup, full_config, mesh)[0], full_state, batch, rng)

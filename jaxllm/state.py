@@ -17,6 +17,7 @@ import optax
 from flax import traverse_util
 
 from jaxllm import faults, optim
+from jaxllm.config_types import RunConfig
 from jaxllm.models import ModelConfig, build_model, lora
 from jaxllm.models.gpt import GPT, output_head
 from jaxllm.sharding import logical_shardings, replicated
@@ -75,14 +76,16 @@ def dummy_inputs(seq_len: int) -> jax.Array:
   return jnp.zeros((1, seq_len), jnp.int32)
 
 
-def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup:
+def make_setup(config: RunConfig | Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Setup:
+  """`config`: the RunConfig (or the ConfigDict it is built from); `model_cfg` may differ from its model."""
+  config = RunConfig.of(config)
   model = build_model(model_cfg)
   apply_fn_factory = encoder_apply_fn if model_cfg.family == "bert" else lm_apply_fn
   optimizer, schedule = optim.build_optimizer(config.optim, config.train.steps)
   optimizer = faults.guard(optimizer)  # non-finite gradients skip the update (see faults.py)
   seq_len = min(config.data.seq_len, model_cfg.max_seq_len)
   trainable_pattern = optim.trainable_pattern(config)
-  frozen_quant = config.train.get("frozen_quant", "")  # "" or "int8" (config.validate checks)
+  frozen_quant = config.train.frozen_quant  # "" or "int8" (config.validate checks)
 
   def init_params(rng):
     return model.init(rng, dummy_inputs(seq_len))["params"]
@@ -93,7 +96,7 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
   lora.check_targets(traverse_util.flatten_dict(abstract_params), model_cfg)
   trainable_abs, frozen_abs = optim.partition_params(abstract_params, trainable_pattern)
   trainable_sh, frozen_sh = optim.partition_params(param_shardings, trainable_pattern)
-  frozen_dtype = config.train.get("frozen_dtype", "")  # e.g. bfloat16: frozen weights in half the memory
+  frozen_dtype = config.train.frozen_dtype  # e.g. bfloat16: frozen weights in half the memory
   if frozen_dtype:
     frozen_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(frozen_dtype)), frozen_abs)
   frozen_source = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), frozen_abs, frozen_sh)
@@ -127,7 +130,7 @@ def make_setup(config: Any, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
 
   init_fn = jax.jit(init_state, out_shardings=state_shardings)
   step_model = build_model(model_cfg, mesh)  # the same parameters, activations pinned to the mesh
-  chunk_size = config.train.get("loss_chunk_size", 0)
+  chunk_size = config.train.loss_chunk_size
   loss_fn = chunked_lm_loss(step_model, chunk_size) if chunk_size and apply_fn_factory is lm_apply_fn else None
   return Setup(model=model, model_cfg=model_cfg, optimizer=optimizer, schedule=schedule,
                apply_fn=apply_fn_factory(step_model), state_shardings=state_shardings,
@@ -152,7 +155,7 @@ def _quantized_shardings(frozen_abs: Any, frozen_sh: Any, mesh: jax.sharding.Mes
   return traverse_util.unflatten_dict(out)
 
 
-def compile_steps(setup: Setup, config: Any, mesh: jax.sharding.Mesh):
+def compile_steps(setup: Setup, config: RunConfig | Any, mesh: jax.sharding.Mesh):
   """The train step (state donated) and eval step of `setup`, jitted once with explicit shardings.
 
   The trainer and the benchmark run these same functions.

@@ -214,6 +214,7 @@ def documents_from_args(args: argparse.Namespace) -> list[str]:
   """Documents of the source the arguments describe, read as the input pipeline reads them
   (`load_documents`, or the `datasets` stream for source='hf' / --data streaming=true), capped."""
   from jaxllm.config import default_config  # pylint: disable=import-outside-toplevel
+  from jaxllm.config_types import DataConfig  # pylint: disable=import-outside-toplevel
   from jaxllm.data.documents import load_documents  # pylint: disable=import-outside-toplevel
   from jaxllm.data.sources import DataStats  # pylint: disable=import-outside-toplevel
   cfg = default_config().data
@@ -221,9 +222,10 @@ def documents_from_args(args: argparse.Namespace) -> list[str]:
              max_chars=args.max_chars)
   for item in args.data:
     set_data_key(cfg, item)
-  if cfg.source == "hf" or cfg.get("streaming"):
+  cfg = DataConfig.from_config(cfg)
+  if cfg.is_stream:
     from jaxllm.data.stream import StreamDataset, spec_from_config  # pylint: disable=import-outside-toplevel
-    stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.get("on_bad_record", "skip")), seed=0,
+    stream = StreamDataset(spec_from_config(cfg), DataStats(cfg.on_bad_record), seed=0,
                            shuffle_files=False, repeat=False)
     docs = progress.track(stream, desc="reading the stream", unit="doc")  # slow: over the network, say
     max_chars = args.max_chars or STREAM_DEFAULT_CHARS

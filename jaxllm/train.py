@@ -24,6 +24,7 @@ from jaxllm import (checkpoint, distributed, faults, hardware, killpoints, optim
 from jaxllm import workdir as workdir_lib
 from jaxllm.cli import USER_ERRORS, define_config_flag, fail, parse_flags
 from jaxllm.config import validate
+from jaxllm.config_types import RunConfig
 from jaxllm.data.pipeline import restore_iterator, saved_position
 from jaxllm.data.task import TaskData, build_task_data
 from jaxllm.eval import sliding_window
@@ -60,14 +61,14 @@ class HeldOut:
   windows: dict[str, sliding_window.Windows]  # metric name -> windows
 
   @staticmethod
-  def read(config: Any) -> dict[str, Any]:
+  def read(config: RunConfig) -> dict[str, Any]:
     """Metric name -> documents of each file, read first: a bad path fails before any work."""
     paths = list(config.train.eval_data)
     return {name: sliding_window.load_eval_documents(path, config.data.field, flag="train.eval_data:")
             for name, path in zip(sliding_window.source_names(paths), paths)}
 
   @classmethod
-  def build(cls, config: Any, model_cfg: Any, mesh: jax.sharding.Mesh, tokenizer: Any,
+  def build(cls, config: RunConfig, model_cfg: Any, mesh: jax.sharding.Mesh, tokenizer: Any,
             documents: dict[str, Any]) -> "HeldOut":
     seq_len = config.data.seq_len
     return cls(Scorer(model_cfg, mesh, config.train.batch_size),
@@ -111,7 +112,7 @@ def adopt_init_from_architecture(config: Any) -> list[str]:
 @dataclasses.dataclass
 class Run:
   """A started run: everything built from the config, and the state resumed or initialised."""
-  config: Any
+  config: RunConfig         # the typed sections, built once from the ConfigDict
   model_cfg: Any
   mesh: jax.sharding.Mesh
   data: TaskData
@@ -137,32 +138,34 @@ def start(config: Any, workdir: str) -> Run:
 
   Nothing in the workdir changes until the run is known to start there: a failed start
   (bad data, a checkpoint of another model) leaves the old run's files as they were.
+  `config` is the ConfigDict (written to config.json); the library reads its typed sections.
   """
-  model_cfg = validate(config, jax.device_count())
-  wandb_run.require_installed(config.train)
-  mesh = make_mesh(config.mesh)
+  typed = RunConfig.from_config(config)
+  model_cfg = validate(typed, jax.device_count())
+  wandb_run.require_installed(typed.train)
+  mesh = make_mesh(typed.mesh)
   workdir_lib.check_resumable(config, workdir)
   with workdir_lib.StartGuard(workdir):
     checkpoint.ensure_writable(workdir)
-    held_out_docs = HeldOut.read(config) if config.train.eval_data else {}
-    data = build_task_data(config, workdir)
-    held_out = HeldOut.build(config, model_cfg, mesh, data.tokenizer, held_out_docs) if held_out_docs else None
-    setup = make_setup(config, model_cfg, mesh)
-    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-    run = Run(config, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
-              peft.frozen_by_reference(config), held_out)
+    held_out_docs = HeldOut.read(typed) if typed.train.eval_data else {}
+    data = build_task_data(typed, workdir)
+    held_out = HeldOut.build(typed, model_cfg, mesh, data.tokenizer, held_out_docs) if held_out_docs else None
+    setup = make_setup(typed, model_cfg, mesh)
+    manager = checkpoint.make_manager(workdir, typed.train.keep_checkpoints, typed.train.async_checkpoint)
+    run = Run(typed, model_cfg, mesh, data, setup, manager, iter(data.train), None, 0,
+              peft.frozen_by_reference(typed), held_out)
     try:
       abstract = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
       restored = checkpoint.restore(manager, run.checkpointable(abstract))
       if restored is not None:
         run.state, data_state, run.start_step = restored
         if run.by_reference:
-          run.state = run.state.replace(frozen=peft.load_frozen(config, setup))
+          run.state = run.state.replace(frozen=peft.load_frozen(typed, setup))
         if data_state:
           restore_iterator(run.train_iter, data_state)
       else:
-        init_rng = jax.random.fold_in(jax.random.key(config.train.seed), 1)
-        params = peft.initial_params(config, setup, data.tokenizer, init_rng)
+        init_rng = jax.random.fold_in(jax.random.key(typed.train.seed), 1)
+        params = peft.initial_params(typed, setup, data.tokenizer, init_rng)
         run.state = setup.init_fn(init_rng) if params is None else setup.init_fn(init_rng, params)
       if jax.process_index() == 0:  # the last thing a start writes: the run now is this config
         checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -180,16 +183,16 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
   """
   adopted = adopt_init_from_architecture(config)
   r = start(config, workdir)
+  t = r.config.train
   with contextlib.nullcontext(watcher) if watcher else preemption.Watcher() as watcher:
     tracker, writer, exit_code = None, None, 1  # 1: the exit status W&B records if anything below raises
     try:
-      if config.train.wandb_project and jax.process_index() == 0:
-        tracker = wandb_run.WandbRun.open(config, workdir)
-      writer = MetricsWriter(workdir, config.train.steps, r.start_step, config.train.tensorboard,
-                             config.train.progress, wandb=tracker)
+      if t.wandb_project and jax.process_index() == 0:
+        tracker = wandb_run.WandbRun.open(config, workdir)  # the W&B run's config: the ConfigDict's keys
+      writer = MetricsWriter(workdir, t.steps, r.start_step, t.tensorboard, t.progress, wandb=tracker)
       announce(r, writer, adopted)
       state, step, last = train_loop(r, writer, watcher)
-      exit_code = 0 if step >= config.train.steps else preemption.PREEMPTED_EXIT_CODE
+      exit_code = 0 if step >= t.steps else preemption.PREEMPTED_EXIT_CODE
     except faults.NonFiniteError:
       exit_code = DIVERGED_EXIT_CODE
       raise
@@ -205,9 +208,9 @@ def run(config: Any, workdir: str, watcher: preemption.Watcher | None = None) ->
         tracker.finish(exit_code)
   if jax.process_index() == 0:  # WORKDIR/loss_curve.png; a drawing error is a warning, never a failure
     write_loss_curve_or_warn(workdir)
-  if step < config.train.steps:
+  if step < t.steps:
     raise preemption.Preempted(step)
-  if config.train.sample_prompt and r.data.prompt_ids is not None:
+  if t.sample_prompt and r.data.prompt_ids is not None:
     print_sample(r, state)
   return last
 
@@ -286,9 +289,9 @@ def train_loop(r: Run, writer: MetricsWriter, watcher: preemption.Watcher) -> tu
   return state, step, last
 
 
-def attention_line(config: Any, model_cfg: Any) -> str:
+def attention_line(config: RunConfig, model_cfg: Any) -> str:
   """Which attention kernel the step runs and why (what `model.attention_impl=auto` picked)."""
-  packed = config.data.get("packing", "concat") == "document" or model_cfg.family == "bert"
+  packed = config.data.packing == "document" or model_cfg.family == "bert"
   features = AttentionFeatures(segment_ids=packed, prefix_lm=config.sft.prefix_lm,
                                bias=model_cfg.position == "alibi",
                                dtype=jnp.dtype(model_cfg.compute_dtype).name, head_dim=model_cfg.head_dim)

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from jaxllm import optim
+from jaxllm.config_types import RunConfig
 from jaxllm.errors import ConfigError
 
 # Model keys that say how to run a model, not what it is: a resumed run may change them.
@@ -63,18 +64,21 @@ def check_resumable(config: Any, workdir: str) -> None:
   if saved is None:
     return  # a workdir from before config.json was written: the checkpoint check decides
   new = config.to_dict()
+  # Keys the saved config lacks (written before they existed) read as their defaults.
+  old = RunConfig.from_config(saved, strict=False)
+  old_task, old_init_from = old.task, old.init_from
   changed = []
-  if saved.get("task", "causal_lm") != new.get("task", "causal_lm"):
-    changed.append(f"task={new.get('task')!r} (the run has {saved.get('task')!r})")
+  if old_task != config.task:
+    changed.append(f"task={config.task!r} (the run has {old_task!r})")
   saved_model, new_model = saved.get("model", {}), new.get("model", {})
   changed += _changes(saved_model, new_model, [k for k in new_model if k not in RUNTIME_MODEL_KEYS], "model")
   changed += _changes(saved.get("data", {}), new.get("data", {}), STREAM_DATA_KEYS, "data")
   # Prefix-LM changes what attention sees, so what the checkpoint's weights were trained for;
   # a run saved before the key existed was causal.
-  changed += _changes(saved.get("sft", {"prefix_lm": False}), new.get("sft", {}), ("prefix_lm",), "sft")
-  by_reference = optim.trainable_pattern({"train": saved.get("train", {}), "model": saved_model})
-  if saved.get("init_from", "") != new.get("init_from", "") and by_reference:
-    changed.append(f"init_from={new.get('init_from')!r} (the run has {saved.get('init_from')!r})")
+  if old.sft.prefix_lm != config.sft.prefix_lm:
+    changed.append(f"sft.prefix_lm={config.sft.prefix_lm!r} (the run has {old.sft.prefix_lm!r})")
+  if old_init_from != config.init_from and optim.trainable_pattern(old):
+    changed.append(f"init_from={config.init_from!r} (the run has {old_init_from!r})")
   if changed:
     raise ConfigError(f"--workdir {workdir} holds a run with another config: {changed[0]}"
                       f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}; resuming needs "

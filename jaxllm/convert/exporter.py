@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxllm import checkpoint, progress
+from jaxllm.config_types import DataConfig
 import jaxllm.convert.model_card as model_card
 from jaxllm.convert.registry import architectures
 from jaxllm.model_dir import load_model_dir, trained_prefix_lm
@@ -131,7 +132,7 @@ def to_hf(model_dir: str, hf_dir: str, *, step: int | None = None, max_shard_siz
   mesh = mesh or default_mesh()
   model_cfg, params, tokenizer = load_model_dir(
       model_dir, shardings=lambda boxed: logical_shardings(boxed, mesh), step=step)
-  tokenizer_path = run_config.get("data", {}).get("tokenizer", "")
+  tokenizer_path = DataConfig.from_config(run_config.get("data"), strict=False).tokenizer
   if tokenizer is None and tokenizer_path and os.path.isdir(tokenizer_path):
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)  # a run given data.tokenizer keeps none

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from jaxllm import __version__
+from jaxllm.config_types import DataConfig, RunConfig, SourceConfig
 from jaxllm.convert.base import Architecture
 from jaxllm.metrics import read_records
 from jaxllm.models import ModelConfig
@@ -58,20 +59,24 @@ def write_generation_config(hf_dir: str, tokenizer: Any, cfg: ModelConfig) -> di
   return ids
 
 
-def describe_data(data: dict[str, Any]) -> str:
+def describe_data(data: DataConfig) -> str:
   """One line for config.data: where the training documents came from."""
-  if data.get("sources"):
-    parts = [f"{name} ({describe_data(source)}, weight {source.get('weight', 1)})"
-             for name, source in data["sources"].items()]
+  if data.sources:
+    parts = [f"{name} ({describe_source(source)}, weight {source.weight:g})"
+             for name, source in data.resolved_sources().items()]
     return "a mixture of " + "; ".join(parts)
-  source, path = data.get("source", ""), data.get("path", "")
+  return describe_source(data)
+
+
+def describe_source(data: SourceConfig | DataConfig) -> str:
+  """Where one source's documents came from."""
+  source, path = data.source, data.path
   if source == "stdlib":
     return "the Python standard library's source files (`data.source=stdlib`)"
   if source == "hf":
-    name = data.get("hf_name", "")
-    extra = ", ".join(x for x in (data.get("hf_config", ""), f"split {data.get('hf_split', 'train')}") if x)
-    return f"the Hugging Face dataset `{name}` ({extra}{', files ' + path if path else ''})"
-  field = f", field `{data['field']}`" if source in ("jsonl", "parquet", "hf_disk") and data.get("field") else ""
+    extra = ", ".join(x for x in (data.hf_config, f"split {data.hf_split}") if x)
+    return f"the Hugging Face dataset `{data.hf_name}` ({extra}{', files ' + path if path else ''})"
+  field = f", field `{data.field}`" if source in ("jsonl", "parquet", "hf_disk") and data.field else ""
   return f"`{path}` (`data.source={source}`{field})"
 
 
@@ -99,7 +104,8 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 def card_text(run_config: dict[str, Any], model_dir: str, hf_dir: str, arch: Architecture, cfg: ModelConfig,
               tokenizer: Any, step: int | None, command: str) -> str:
-  train, data, optim = run_config.get("train", {}), run_config.get("data", {}), run_config.get("optim", {})
+  saved = RunConfig.from_config(run_config, strict=False)  # keys an older run lacks: their defaults
+  train, data, optim = saved.train, saved.data, saved.optim
   causal = arch.auto_class == CAUSAL
   trained = step is not None and (step > 0 or os.path.isfile(os.path.join(model_dir, "metrics.jsonl")))
   name = os.path.basename(os.path.normpath(hf_dir))
@@ -121,18 +127,18 @@ def card_text(run_config: dict[str, Any], model_dir: str, hf_dir: str, arch: Arc
            "## Model", "", _table(model_rows), ""]
   lines += ["## Training", ""]
   if trained:
-    batch, seq_len = train.get("batch_size", 0), data.get("seq_len", 0)
+    batch, seq_len = train.batch_size, data.seq_len
     tokens = step * batch * seq_len
     training_rows = [
-        ("task", f"`{run_config.get('task', 'causal_lm')}`"),
+        ("task", f"`{saved.task}`"),
         ("data", describe_data(data)),
-        ("started from", f"`{run_config['init_from']}`" if run_config.get("init_from") else "random initialisation"),
+        ("started from", f"`{saved.init_from}`" if saved.init_from else "random initialisation"),
         *([("fine-tuning", f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha} on `{cfg.lora_targets}`, "
                             "merged into these weights")] if cfg.lora_rank else []),
-        ("steps", f"{step} (of {train.get('steps', step)} planned)"),
+        ("steps", f"{step} (of {train.steps} planned)"),
         ("tokens", f"{tokens:,} ({step} steps x {batch} sequences x {seq_len} tokens, padding included)"),
-        ("optimizer", f"AdamW, lr {optim.get('lr')} (warmup {optim.get('warmup_steps')} steps, cosine to "
-                      f"{optim.get('min_lr')}), weight decay {optim.get('weight_decay')}"),
+        ("optimizer", f"AdamW, lr {optim.lr} (warmup {optim.warmup_steps} steps, cosine to "
+                      f"{optim.min_lr}), weight decay {optim.weight_decay}"),
     ]
     lines += [_table(training_rows), ""]
   else:
@@ -142,8 +148,7 @@ def card_text(run_config: dict[str, Any], model_dir: str, hf_dir: str, arch: Arc
   evaluation = last_eval(model_dir, step)
   if evaluation:
     rows = [(key, f"{evaluation[key]:.4f}") for key in ("eval_loss", "eval_ppl", "eval_accuracy") if key in evaluation]
-    held_out = (f"`{data['val_path']}`" if data.get("val_path") else
-                f"{data.get('val_fraction', 0):g} of the documents, held out")
+    held_out = (f"`{data.val_path}`" if data.val_path else f"{data.val_fraction:g} of the documents, held out")
     lines += [f"On the validation data ({held_out}) at step {evaluation['step']}:", "", _table(rows), ""]
   else:
     lines += ["No evaluation recorded (the run's metrics.jsonl has no eval step).", ""]

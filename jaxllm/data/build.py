@@ -12,19 +12,15 @@ from typing import Any, Sequence
 
 import grain
 import jax
-import ml_collections
 
-from jaxllm.config import ConfigError
+from jaxllm.config_types import DataConfig, RunConfig, SourceConfig
+from jaxllm.errors import ConfigError
 from jaxllm.data.packing import PACKING_MODES
 from jaxllm.data.pipeline import DocumentsFn, PackSpec, lm_batches, memory_documents, num_data_shards, take_batches
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, DataStats, train_val_split
 from jaxllm.data.stream import StreamDataset, spec_from_config
 from jaxllm.data.tokenizers import prepare_tokenizer
-
-SOURCE_KEYS = ("source", "path", "field", "text_unit", "max_chars", "streaming", "hf_name", "hf_config",
-               "hf_split", "val_path", "val_fraction")
-
 
 @dataclasses.dataclass
 class LMData:
@@ -38,54 +34,36 @@ class LMData:
     return " | ".join(f"{name}: {s.summary()}" for name, s in self.stats.items())
 
 
-def source_configs(data_cfg: Any) -> dict[str, Any]:
+def source_configs(data_cfg: DataConfig | Any) -> dict[str, SourceConfig]:
   """name -> the resolved config of each source (top-level keys overridden by `data.sources.NAME`)."""
-  entries = data_cfg.get("sources") or {}
-  if not entries:
-    return {"main": data_cfg}
-  resolved = {}
-  for name, entry in entries.items():
-    unknown = set(entry) - set(SOURCE_KEYS) - {"weight"}
-    if unknown:
-      raise ConfigError(f"data.sources.{name}: unknown keys {sorted(unknown)}; use {SOURCE_KEYS + ('weight',)}.")
-    cfg = ml_collections.ConfigDict({k: data_cfg.get(k) for k in SOURCE_KEYS})
-    cfg.update(dict(entry))
-    if float(entry.get("weight", 1.0)) <= 0:
-      raise ConfigError(f"data.sources.{name}.weight must be positive.")
-    cfg.on_bad_record = data_cfg.get("on_bad_record", "skip")
-    resolved[name] = cfg
-  return resolved
-
-
-def _is_stream(cfg: Any) -> bool:
-  return cfg.source == "hf" or bool(cfg.get("streaming", False))
+  return DataConfig.of(data_cfg).resolved_sources()
 
 
 class _Source:
   """One configured source: its training and validation documents for any logical shard."""
 
-  def __init__(self, cfg: Any, seed: int, shuffle_buffer: int):
+  def __init__(self, cfg: SourceConfig, seed: int, shuffle_buffer: int):
     self.cfg, self.seed, self.shuffle_buffer = cfg, seed, shuffle_buffer
-    self.stats = DataStats(cfg.get("on_bad_record", "skip"))
-    self.val_fraction = 0.0 if cfg.get("val_path") else cfg.get("val_fraction", 0.0)
+    self.stats = DataStats(cfg.on_bad_record)
+    self.val_fraction = 0.0 if cfg.val_path else cfg.val_fraction
     if not 0 <= self.val_fraction < 1:
       raise DataError(f"data.val_fraction={self.val_fraction} must be in [0, 1).")
-    if _is_stream(cfg):
+    if cfg.is_stream:
       self.spec = spec_from_config(cfg)
-      self.val_spec = spec_from_config(cfg, cfg.val_path) if cfg.get("val_path") else None
+      self.val_spec = spec_from_config(cfg, cfg.val_path) if cfg.val_path else None
     else:
       docs = load_documents(cfg, self.stats)
-      if cfg.get("val_path"):
+      if cfg.val_path:
         self.train_docs, self.val_docs = docs, load_documents(cfg, DataStats(self.stats.on_bad_record), cfg.val_path)
       else:
         self.train_docs, self.val_docs = train_val_split(docs, self.val_fraction, seed)
 
   @property
   def has_val(self) -> bool:
-    return bool(self.cfg.get("val_path")) or self.val_fraction > 0
+    return bool(self.cfg.val_path) or self.val_fraction > 0
 
   def train(self) -> DocumentsFn:
-    if not _is_stream(self.cfg):
+    if not self.cfg.is_stream:
       return memory_documents(self.train_docs, seed=self.seed)
     split = "train" if self.val_fraction > 0 else "all"
 
@@ -98,7 +76,7 @@ class _Source:
     return make
 
   def val(self) -> DocumentsFn:
-    if not _is_stream(self.cfg):
+    if not self.cfg.is_stream:
       return memory_documents(self.val_docs, seed=self.seed, shuffle=False, repeat=False)
     spec, split = (self.val_spec, "all") if self.val_spec else (self.spec, "val")
     return lambda s, n: StreamDataset(spec, DataStats(self.stats.on_bad_record), seed=self.seed, shard_index=s,
@@ -107,7 +85,7 @@ class _Source:
 
   def sample(self, max_chars: int) -> Sequence[str]:
     """Training documents to fit a tokenizer on (at most about max_chars characters; 0 = all)."""
-    if not _is_stream(self.cfg):
+    if not self.cfg.is_stream:
       if not max_chars:
         return self.train_docs
       docs, total = [], 0
@@ -130,38 +108,38 @@ class _Source:
     return docs
 
 
-def check_data_config(data: Any) -> None:
+def check_data_config(data: DataConfig) -> None:
   """The pipeline's own keys, checked before any file is read."""
-  if data.get("packing", "concat") not in PACKING_MODES:
+  if data.packing not in PACKING_MODES:
     raise ConfigError(f"data.packing={data.packing!r}; use one of {PACKING_MODES}.")
   for key, low in (("seq_len", 1), ("pack_bins", 1), ("tokenize_batch", 1), ("tokenize_threads", -1),
                    ("shuffle_buffer", 0),
                    ("prefetch", 0), ("num_shards", 0)):
-    if data.get(key, low) < low:
-      raise ConfigError(f"data.{key}={data.get(key)} must be at least {low}.")
+    if getattr(data, key) < low:
+      raise ConfigError(f"data.{key}={getattr(data, key)} must be at least {low}.")
 
 
-def build_lm_data(config: Any, workdir: str) -> LMData:
+def build_lm_data(config: RunConfig | Any, workdir: str) -> LMData:
   """The tokenizer, this host's endless training batches and the fixed validation batches."""
+  config = RunConfig.of(config)
   data = config.data
-  if data.get("packing") == "windows":  # nanoGPT-style: split by position, random windows (data/windows.py)
+  if data.packing == "windows":  # nanoGPT-style: split by position, random windows (data/windows.py)
     from jaxllm.data.windows import window_data  # pylint: disable=import-outside-toplevel
     return LMData(*window_data(config, workdir, prepare_tokenizer))
   check_data_config(data)
   configs = source_configs(data)
-  sources = {name: _Source(cfg, data.seed + 7919 * i, data.get("shuffle_buffer", 10_000))
+  sources = {name: _Source(cfg, data.seed + 7919 * i, data.shuffle_buffer)
              for i, (name, cfg) in enumerate(configs.items())}
-  weights = {name: float(cfg.get("weight", 1.0) or 1.0) for name, cfg in configs.items()}
-  sample = lambda: [doc for s in sources.values() for doc in s.sample(data.get("tokenizer_train_chars", 0))]  # noqa: E731
+  weights = {name: float(cfg.weight or 1.0) for name, cfg in configs.items()}
+  sample = lambda: [doc for s in sources.values() for doc in s.sample(data.tokenizer_train_chars)]  # noqa: E731
   tokenizer = prepare_tokenizer(config, workdir, sample)
-  spec = PackSpec(tokenizer, tokenizer.eos_token_id, data.seq_len, data.get("packing", "concat"),
-                  data.get("pack_bins", 128), data.get("tokenize_batch", 128), data.seed,
-                  data.get("tokenize_threads", -1))
+  spec = PackSpec(tokenizer, tokenizer.eos_token_id, data.seq_len, data.packing, data.pack_bins,
+                  data.tokenize_batch, data.seed, data.tokenize_threads)
   num_shards = num_data_shards(config)
   batch_size = config.train.batch_size
   common = dict(num_shards=num_shards, process_index=jax.process_index(), process_count=jax.process_count())
   train = lm_batches({n: s.train() for n, s in sources.items()}, spec, batch_size, weights=weights,
-                     prefetch=data.get("prefetch", 2), row_shuffle=data.get("row_shuffle", 0), **common)
+                     prefetch=data.prefetch, row_shuffle=data.row_shuffle, **common)
   val_batches = []
   if config.train.eval_steps > 0 and all(s.has_val for s in sources.values()):
     val = lm_batches({n: s.val() for n, s in sources.items()}, spec, batch_size, weights=weights, **common)

@@ -8,28 +8,31 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from jaxllm.config_types import DataConfig, SourceConfig
 from jaxllm.data.sources import (DataError, DataStats, SavedDataset, capped, jsonl_documents,
                                  parquet_documents, stdlib_documents, text_documents)
 from jaxllm.data.stream import StreamDataset, spec_from_config
 
 
-def load_documents(data_cfg: Any, stats: DataStats | None = None, path: str | None = None) -> Sequence[str]:
-  """All documents of the source (`data.source`, at `path` or `data.path`), in a fixed order."""
-  stats = stats if stats is not None else DataStats(data_cfg.get("on_bad_record", "skip"))
-  source, max_chars = data_cfg.source, data_cfg.get("max_chars", 0)
-  path = data_cfg.get("path", "") if path is None else path
-  field = data_cfg.get("field", "text")
+def load_documents(data_cfg: SourceConfig | DataConfig | Any, stats: DataStats | None = None,
+                   path: str | None = None) -> Sequence[str]:
+  """All documents of the source (`data.source`, at `path` or `data.path`), in a fixed order.
+  `data_cfg`: config.data or one resolved source of it (the source keys of config_types.py)."""
+  stats = stats if stats is not None else DataStats(data_cfg.on_bad_record)
+  source, max_chars = data_cfg.source, data_cfg.max_chars
+  path = data_cfg.path if path is None else path
+  field = data_cfg.field
   if source == "stdlib":
     docs = stdlib_documents(max_chars)
   elif source == "text":
-    docs = capped(text_documents(path, data_cfg.get("text_unit", "file"), stats), max_chars)
+    docs = capped(text_documents(path, data_cfg.text_unit, stats), max_chars)
   elif source == "jsonl":
     docs = capped(jsonl_documents(path, field, stats), max_chars)
   elif source == "parquet":
     docs = capped(parquet_documents(path, field, stats), max_chars)
   elif source == "hf_disk":
-    docs = SavedDataset(path, field, data_cfg.get("hf_split", "train"))
-  elif source == "hf" or data_cfg.get("streaming", False):
+    docs = SavedDataset(path, field, data_cfg.hf_split)
+  elif source == "hf" or data_cfg.streaming:
     # One pass in file order (e.g. to fit a tokenizer): cap it with data.max_chars for a big stream.
     docs = capped(iter(StreamDataset(spec_from_config(data_cfg, path), stats, seed=0, shuffle_files=False,
                                       repeat=False)), max_chars)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm.config_types import RunConfig
 from jaxllm.data.pipeline import host_batches, memory_documents, num_data_shards, take_batches, tokenize
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, train_val_split
@@ -139,7 +140,7 @@ def mlm_dataset(docs: list[str], tokenizer: Any, spec: MaskingSpec, seq_len: int
                       process_count=process_count)
 
 
-def build_mlm_data(config: Any, workdir: str):
+def build_mlm_data(config: RunConfig, workdir: str):
   """(tokenizer, training grain dataset, validation batches) for masked-LM training (task='mlm')."""
   if config.model.family != "bert":
     raise ConfigError(f"task='mlm' needs model.family='bert', got {config.model.family!r}.")

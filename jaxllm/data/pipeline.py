@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxllm.config_types import RunConfig
 from jaxllm.data import position
 from jaxllm.data.packing import pack, tokenize
 from jaxllm.data.sources import DataError
@@ -79,9 +80,9 @@ def shard_rows(sources: dict[str, DocumentsFn], weights: dict[str, float], spec:
   return grain.IterDataset.mix(rows, {name: weights[name] for name in rows})
 
 
-def num_data_shards(config: Any) -> int:
+def num_data_shards(config: RunConfig) -> int:
   """Logical data shards: data.num_shards, or one per process when it is 0."""
-  num_shards = config.data.get("num_shards", 0) or jax.process_count()
+  num_shards = config.data.num_shards or jax.process_count()
   if num_shards % jax.process_count() or config.train.batch_size % num_shards:
     raise ConfigError(f"data.num_shards={num_shards} must be a multiple of the {jax.process_count()} processes "
                       f"and divide train.batch_size={config.train.batch_size}.")

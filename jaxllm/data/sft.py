@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import grain
 import numpy as np
 
+from jaxllm.config_types import RunConfig
 from jaxllm.data.packing import first_fit_rows
 from jaxllm.data.pipeline import (GlobalPositionIterDataset, host_batches, memory_documents, num_data_shards,
                                   take_batches)
@@ -240,7 +241,7 @@ def _training_texts(records: Iterable[dict], template: Template) -> Iterable[str
     yield "".join(t for t, _ in template(normalize_record(record, f"record {i + 1}"), None) if t)
 
 
-def build_sft_data(config: Any, workdir: str) -> SftData:
+def build_sft_data(config: RunConfig, workdir: str) -> SftData:
   """Tokenizer, training dataset and validation batches for `config.task == 'sft'`."""
   import jax  # pylint: disable=import-outside-toplevel
   from jaxllm.data.tokenizers import prepare_tokenizer  # pylint: disable=import-outside-toplevel

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from jaxllm.config_types import DataConfig, SourceConfig
 from jaxllm.data.sources import DataError, DataStats, expand_paths, is_validation, record_text
 
 # data.source -> the `datasets` builder that streams that kind of local file
@@ -47,25 +48,25 @@ class StreamSpec:
     return ds
 
 
-def spec_from_config(source_cfg: Any, path: str | None = None) -> StreamSpec:
+def spec_from_config(source_cfg: SourceConfig | DataConfig | Any, path: str | None = None) -> StreamSpec:
   """The stream of `data.source='hf'` (`hf_name` + optional `path` as data files), or of local
   text/jsonl/parquet files with `data.streaming=True`."""
-  path = source_cfg.get("path", "") if path is None else path
+  path = source_cfg.path if path is None else path
   source = source_cfg.source
   if source == "hf":
-    if not source_cfg.get("hf_name"):
+    if not source_cfg.hf_name:
       raise DataError("data.source='hf' needs data.hf_name (a dataset id, or json/text/parquet with data.path).")
     files = tuple(expand_paths(path)) if path and "://" not in path else ((path,) if path else ())
-    return StreamSpec(source_cfg.hf_name, files, source_cfg.get("hf_config") or None,
-                      source_cfg.get("hf_split", "train"), source_cfg.get("field", "text"))
+    return StreamSpec(source_cfg.hf_name, files, source_cfg.hf_config or None, source_cfg.hf_split,
+                      source_cfg.field)
   if source not in FILE_BUILDERS:
     raise DataError(f"data.streaming=True works for sources {sorted(FILE_BUILDERS)} and 'hf', not {source!r}.")
   kwargs: tuple = ()
   if source == "text":
-    unit = source_cfg.get("text_unit", "file")
+    unit = source_cfg.text_unit
     kwargs = (("sample_by", "document" if unit == "file" else "line"),)
   return StreamSpec(FILE_BUILDERS[source], tuple(expand_paths(path)), None, "train",
-                    "text" if source == "text" else source_cfg.get("field", "text"), kwargs)
+                    "text" if source == "text" else source_cfg.field, kwargs)
 
 
 class StreamDataset(grain.IterDataset):

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import grain
 
+from jaxllm.config_types import RunConfig
+
 TASKS = ("causal_lm", "sft", "mlm")
 
 
@@ -26,9 +28,10 @@ class TaskData:
   read_so_far: Callable[[], str] | None = None      # counts of what the run has read (streams grow)
 
 
-def build_task_data(config: Any, workdir: str) -> TaskData:
+def build_task_data(config: RunConfig | Any, workdir: str) -> TaskData:
   """The data of `config.task`, built from the config (the tokenizer trained or loaded into workdir)."""
   # pylint: disable=import-outside-toplevel
+  config = RunConfig.of(config)
   if config.task not in TASKS:
     from jaxllm.errors import ConfigError
     raise ConfigError(f"task={config.task!r} is not known; use one of {TASKS}.")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from jaxllm import killpoints
+from jaxllm.config_types import RunConfig
 from jaxllm.errors import ConfigError
 from jaxllm.tokenizer import load_tokenizer, train_bpe, train_char, train_tokenizer
 
@@ -30,7 +31,7 @@ def save_tokenizer(tokenizer: Any, tok_dir: str) -> None:
   os.replace(tmp, tok_dir)
 
 
-def trainer_for(config: Any) -> Callable[[Sequence[str]], Any]:
+def trainer_for(config: RunConfig) -> Callable[[Sequence[str]], Any]:
   """How this task trains a tokenizer: WordPiece for masked-LM, else byte-level BPE ('char': characters)."""
   vocab = config.data.tokenizer_vocab_size or config.model.vocab_size
   if config.task == "mlm":
@@ -40,11 +41,11 @@ def trainer_for(config: Any) -> Callable[[Sequence[str]], Any]:
   return lambda docs: train_bpe(docs, vocab)
 
 
-def prepare_tokenizer(config: Any, workdir: str, train_docs: Docs) -> Any:
+def prepare_tokenizer(config: RunConfig, workdir: str, train_docs: Docs) -> Any:
   """The run's tokenizer (see the module docstring). `train_docs` may be a function, called only
   when a tokenizer is trained (reading a stream costs time)."""
   tok_dir = os.path.join(workdir, "tokenizer")
-  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.get("init_from") else ""
+  init_tok_dir = os.path.join(config.init_from, "tokenizer") if config.init_from else ""
   if config.data.tokenizer and config.data.tokenizer != "char":
     tokenizer = load_tokenizer(config.data.tokenizer)
   elif os.path.isdir(tok_dir):

@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxllm.config_types import RunConfig
 from jaxllm.data.pipeline import GlobalPositionIterDataset, take_batches
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataError, DataStats
@@ -83,12 +84,12 @@ class _WindowBatchesIterator(grain.DatasetIterator):
     self._next_row = copy.deepcopy(state["next_index"])
 
 
-def window_data(config: Any, workdir: str, prepare_tokenizer: Callable[..., Any]):
+def window_data(config: RunConfig, workdir: str, prepare_tokenizer: Callable[..., Any]):
   """(tokenizer, this host's endless training batches, validation batches, {name: DataStats})."""
   data = config.data
-  stats = DataStats(data.get("on_bad_record", "skip"))
+  stats = DataStats(data.on_bad_record)
   text = "".join(load_documents(data, stats))
-  val_fraction = data.get("val_fraction", 0.0)
+  val_fraction = data.val_fraction
   if not 0 <= val_fraction < 1:
     raise DataError(f"data.val_fraction={val_fraction} must be in [0, 1).")
   split = int(len(text) * (1 - val_fraction))
@@ -101,8 +102,8 @@ def window_data(config: Any, workdir: str, prepare_tokenizer: Callable[..., Any]
   per_host = config.train.batch_size // jax.process_count()
   train = window_batches(window_rows(train_tokens, data.seq_len, data.seed), config.train.batch_size,
                          jax.process_index(), jax.process_count())
-  if data.get("prefetch", 2) > 0:
-    train = grain.experimental.ThreadPrefetchIterDataset(train, prefetch_buffer_size=data.get("prefetch", 2))
+  if data.prefetch > 0:
+    train = grain.experimental.ThreadPrefetchIterDataset(train, prefetch_buffer_size=data.prefetch)
   val_batches = []
   if val_fraction > 0 and config.train.eval_steps > 0:
     rows = per_host * config.train.eval_steps * jax.process_count()

@@ -23,9 +23,9 @@ import math
 import os
 from typing import Any, Callable, Sequence
 
-import ml_collections
 import numpy as np
 
+from jaxllm.config_types import SourceConfig
 from jaxllm.data.documents import load_documents
 from jaxllm.data.sources import DataStats, expand_paths
 from jaxllm.errors import ConfigError, DataError
@@ -153,9 +153,7 @@ def load_eval_documents(path: str, field: str = "text", flag: str = "--data") ->
       source = "jsonl"
     else:
       source = "text"
-    data_cfg = ml_collections.ConfigDict(dict(source=source, path=path, field=field, max_chars=0,
-                                              on_bad_record="skip", text_unit="file", hf_split="train"))
-    return load_documents(data_cfg, DataStats("skip"))
+    return load_documents(SourceConfig(source=source, path=path, field=field), DataStats("skip"))
   except DataError as e:
     raise DataError(f"{flag} {path}: {e}") from e
 
