@@ -10,7 +10,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402,F401  (imported before the cache variables below, so they reach subprocesses only)
 import pytest  # noqa: E402
+
+# The commands the tests start as subprocesses (train, its killed and resumed copies, convert,
+# generate, two-process runs) compile the same tiny programs again and again: one persistent XLA
+# cache per test session, shared by the xdist workers' subprocesses, compiles each once. The
+# size limit turns on jax's file lock, so two processes never read an entry half written.
+# This process (and the in-process tests, one of which counts compilations) keeps no cache.
+XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), "jaxllm-test-xla-cache-" +
+                             os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid())))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,3 +34,10 @@ def tiny_config():
   """A config that trains a 2-layer GPT on a small text corpus written to tmp."""
   from tests.helpers import make_tiny_config  # pylint: disable=import-outside-toplevel
   return make_tiny_config
+
+
+def pytest_sessionfinish(session):
+  # The controller (not an xdist worker) removes the session's cache once every worker is done.
+  if not hasattr(session.config, "workerinput"):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(XLA_CACHE_DIR, ignore_errors=True)
