@@ -12,19 +12,19 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import tempfile  # noqa: E402
 
-import jax  # noqa: E402,F401  (imported before the cache variables below, so they reach subprocesses only)
-import pytest  # noqa: E402
-
-# The commands the tests start as subprocesses (train, its killed and resumed copies, convert,
-# generate, two-process runs) compile the same tiny programs again and again: one persistent XLA
-# cache per test session, shared by the xdist workers' subprocesses, compiles each once. The
-# size limit turns on jax's file lock, so two processes never read an entry half written.
-# This process (and the in-process tests, one of which counts compilations) keeps no cache.
+# Many tests compile the same tiny programs again and again: in this process (the trainer built
+# anew per test) and in the commands they start as subprocesses (train, its killed and resumed
+# copies, convert, generate, two-process runs). One persistent XLA cache per test session, shared
+# by the xdist workers and their subprocesses, compiles each program once. The size limit turns
+# on jax's file lock, so no process reads an entry half written. (test_bench counts lowerings,
+# which happen before the cache is asked, so compile-once is still checked.)
 XLA_CACHE_DIR = os.path.join(tempfile.gettempdir(), "jaxllm-test-xla-cache-" +
                              os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid())))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+
+import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -379,5 +379,18 @@ def test_lora_with_a_prompt_on_an_int8_base_checkpoints_adapters_only_resumes_an
   assert generate_main(["--checkpoint", workdir, "--prompt", "Human: list", "--max-new-tokens", "4",
                         "--temperature", "0"]) == 0
   assert "Human: list" in capsys.readouterr().out
+  # `eval perplexity` loads the run as generate does: the base re-read, the prompt and adapters on it.
+  from jaxllm.eval.__main__ import main as eval_main
+  text = os.path.join(tmp_path, "held_out.txt")
+  with open(text, "w", encoding="utf-8") as f:
+    f.write("Human: list three colours\nAssistant: red, green, blue\n" * 4)
+  ppl = {}
+  for name, model in (("run", workdir), ("base", base["dir"])):
+    assert eval_main(["perplexity", "--checkpoint", model, "--data", text, "--seq-len", "16",
+                      "--output-path", os.path.join(tmp_path, f"ppl_{name}")]) == 0
+    with open(os.path.join(tmp_path, f"ppl_{name}", "perplexity.json"), encoding="utf-8") as f:
+      ppl[name] = json.load(f)["perplexity"]
+  assert np.isfinite(ppl["run"]) and ppl["run"] != ppl["base"], ppl
+  capsys.readouterr()
   assert convert_main(["to-peft", workdir, os.path.join(tmp_path, "adapter")]) == 2
   assert "a PEFT adapter holds one kind" in capsys.readouterr().err
