@@ -110,5 +110,5 @@ def _unknown_key_message(e: BaseException, argv: list[str]) -> str:
   overrides = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
   name = next((o for o in overrides if part in o.split(".")[1:]), part)
   hint = f" ({' '.join(hints)})" if hints else ""
-  return (f"unknown config key {name}{hint}; the keys and their defaults are in jaxllm/config.py "
-          "(default_config) and the --config file.")
+  return (f"unknown config key {name}{hint}; the keys and their defaults are in jaxllm/config_types.py "
+          "(and the README's config table) and the --config file.")
