@@ -22,6 +22,20 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> 
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+def split_sequence(chunk_size: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """[batch, seq, ...] arrays zero-padded along seq to a multiple of chunk_size and split into
+  [num_chunks, batch, chunk_size, ...]: the batch (the sharded axis) stays whole in every chunk."""
+  batch, seq_len = arrays[0].shape[:2]
+  pad = -seq_len % chunk_size
+  num_chunks = (seq_len + pad) // chunk_size
+
+  def split(x):
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
+
+  return tuple(split(x) for x in arrays)
+
+
 def chunked_cross_entropy(features: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
                           chunk_size: int) -> tuple[jax.Array, jax.Array]:
   """`cross_entropy(features @ head, targets, weights)` without all the logits at once.
@@ -29,20 +43,11 @@ def chunked_cross_entropy(features: jax.Array, head: jax.Array, targets: jax.Arr
   features [batch, seq, d_model] (compute dtype), head [d_model, vocab], targets and weights
   [batch, seq]. Chunks run along the sequence, so a batch sharded over devices stays sharded.
   """
-  batch, seq_len, d_model = features.shape
+  d_model = features.shape[-1]
   assert head.shape[0] == d_model, (features.shape, head.shape)
-  chunk_size = min(chunk_size, seq_len)
-  pad = -seq_len % chunk_size  # padded positions get weight 0
-  if pad:
-    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    weights = jnp.pad(weights, ((0, 0), (0, pad)))
-  num_chunks = (seq_len + pad) // chunk_size
-  weights = weights.astype(jnp.float32)
-
-  def split(x):  # [batch, seq, ...] -> [num_chunks, batch, chunk_size, ...]
-    return jnp.swapaxes(x.reshape((batch, num_chunks, chunk_size) + x.shape[2:]), 0, 1)
-
+  # Padded positions get weight 0.
+  xs, ts, ws = split_sequence(min(chunk_size, features.shape[1]), features, targets,
+                              weights.astype(jnp.float32))
   head = head.astype(features.dtype)
 
   @jax.checkpoint  # the backward recomputes this chunk's logits instead of keeping them
@@ -53,5 +58,5 @@ def chunked_cross_entropy(features: jax.Array, head: jax.Array, targets: jax.Arr
   def body(total, chunk):
     return total + chunk_loss(*chunk), None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(features), split(targets), split(weights)))
-  return total, jnp.sum(weights)
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ws))
+  return total, jnp.sum(weights.astype(jnp.float32))

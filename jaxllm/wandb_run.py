@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from jaxllm import checkpoint
 from jaxllm.errors import ConfigError
 from jaxllm.preemption import PREEMPTED_EXIT_CODE
 
@@ -47,10 +48,7 @@ def _saved_id(workdir: str, project: str, entity: str) -> str | None:
 
 
 def _save_id(workdir: str, run_id: str, project: str, entity: str) -> None:
-  path = os.path.join(workdir, STATE_FILE)
-  with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-    json.dump({"run_id": run_id, "project": project, "entity": entity}, f, indent=2)
-  os.replace(f"{path}.tmp", path)
+  checkpoint.write_json(os.path.join(workdir, STATE_FILE), {"run_id": run_id, "project": project, "entity": entity})
 
 
 class WandbRun:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.errors import ConfigError
+from jaxllm.losses import split_sequence
 from jaxllm.models import GPT, ModelConfig
 from jaxllm.models.gpt import output_head
 from jaxllm.sharding import BATCH_AXES, batch_sharding, replicated
@@ -52,14 +53,7 @@ def _chunked_scores(features: jax.Array, head: jax.Array, targets: jax.Array
   """log p(target) and argmax == target per position, LOGITS_CHUNK positions of logits at a
   time. features [batch, seq, d_model], head [d_model, vocab], targets [batch, seq]."""
   batch, seq_len, _ = features.shape
-  chunk = min(LOGITS_CHUNK, seq_len)
-  pad = -seq_len % chunk
-  features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-  targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  num_chunks = (seq_len + pad) // chunk
-  # [num_chunks, batch, chunk, ...]: the batch (the sharded axis) stays whole in every chunk.
-  xs = jnp.swapaxes(features.reshape(batch, num_chunks, chunk, -1), 0, 1)
-  ts = jnp.swapaxes(targets.reshape(batch, num_chunks, chunk), 0, 1)
+  xs, ts = split_sequence(min(LOGITS_CHUNK, seq_len), features, targets)
   head = head.astype(features.dtype)
 
   def one(args):

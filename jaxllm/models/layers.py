@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jaxllm.models.cpu_matmul as cpu_matmul
 from jaxllm.models.attention import attention
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.lora import Linear, matmul_dot_general  # noqa: F401  (matmul_dot_general: re-exported)
+from jaxllm.models.lora import Linear
 from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
