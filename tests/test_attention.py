@@ -24,7 +24,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.sharding import MESH_AXES
 
 TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 2e-2)}  # (outputs, gradients)
-KERNELS = ("pallas_gpu", "splash")
+KERNELS = ("cpu", "pallas_gpu", "splash")
 
 
 def packed_segments(seq: int) -> np.ndarray:
@@ -200,6 +200,27 @@ def test_kernel_takes_the_mesh_of_jax_set_mesh():
   assert rel_err(got, attention(q, k, v, segment_ids=segment_ids, impl="xla")) < 1e-5
 
 
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_cpu_kernel_matches_xla_causal_and_alibi(alibi, kv_heads):
+  """The cpu kernel's in-kernel causal mask (no dense mask given) and its bias gradient."""
+  seq, heads = 64, 4
+  q, k, v, cotangent = qkv(seq, heads, kv_heads, batch=2)
+  positions = jnp.broadcast_to(jnp.arange(seq), (2, seq))
+  bias = attn.alibi_bias(heads, positions, positions) * 3.0
+
+  def grads(impl):
+    loss = lambda q, k, v, b: jnp.sum(attention(q, k, v, bias=b if alibi else None, impl=impl) * cotangent)  # noqa: E731
+    return jax.value_and_grad(loss, (0, 1, 2, 3))(q, k, v, bias)
+
+  (want_loss, want), (got_loss, got) = grads("xla"), grads("cpu")
+  assert abs(float(got_loss - want_loss)) < 1e-4 * abs(float(want_loss))
+  for name, x, r in zip(("dq", "dk", "dv", "dbias"), got, want):
+    if name == "dbias" and not alibi:
+      continue
+    assert rel_err(x, r) < 1e-5, f"{name}: {rel_err(x, r):.2e}"
+
+
 def test_cudnn_prefix_lm_decomposition(monkeypatch):
   """cuDNN's prefix-LM (a full call over key_value_seq_lengths=prefix_len, a causal call),
   run through jax.nn's xla path, which takes the same arguments, equals the masked reference."""
@@ -216,7 +237,10 @@ GPU_BF16 = AttentionFeatures(dtype="bfloat16", head_dim=64)
 
 
 @pytest.mark.parametrize("impl,platform,features,want", [
-    ("auto", "cpu", GPU_BF16, "xla"),
+    ("auto", "cpu", GPU_BF16, "cpu"),
+    ("auto", "cpu", AttentionFeatures(segment_ids=True, prefix_lm=True, bias=True, dtype="float32"), "cpu"),
+    ("auto", "cpu", AttentionFeatures(decode=True), "xla"),
+    ("cpu", "cpu", AttentionFeatures(decode=True), "xla"),
     ("auto", "gpu", GPU_BF16, "cudnn"),
     ("auto", "gpu", AttentionFeatures(prefix_lm=True), "cudnn"),
     ("auto", "gpu", AttentionFeatures(bias=True), "cudnn"),

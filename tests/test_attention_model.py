@@ -10,7 +10,7 @@ from jaxllm.models import ModelConfig, build_model
 from tests.test_train import _train_losses
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas_gpu", "splash"])
+@pytest.mark.parametrize("impl", ["xla", "cpu", "pallas_gpu", "splash"])
 def test_no_token_sees_across_a_document_boundary(impl):
   cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128,
                     position="rotary", norm="rmsnorm", activation="swiglu", use_bias=False,
@@ -36,12 +36,12 @@ def test_packed_training_on_a_2x2x2_mesh_is_the_same_on_every_kernel(tmp_path):
   common = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.packing": "document", "train.steps": 3,
             "train.eval_steps": 0, "model.position": "rotary", "model.use_bias": False}
   reference, _ = _train_losses(tmp_path, "xla", **common, **{"model.attention_impl": "xla"})
-  for impl in ("pallas_gpu", "splash"):
+  for impl in ("cpu", "pallas_gpu", "splash"):
     got, _ = _train_losses(tmp_path, impl, **common, **{"model.attention_impl": impl})
     np.testing.assert_allclose(got, reference, rtol=2e-5, err_msg=impl)
 
 
-@pytest.mark.parametrize("impl", ["xla", "splash"])
+@pytest.mark.parametrize("impl", ["xla", "cpu", "splash"])
 def test_prefix_lm_prompt_sees_itself_both_ways_and_never_the_response(impl):
   """A packed row of four examples, each a 6-token prompt and a 10-token response. With
   in_prefix, changing a later prompt token moves the earlier prompt positions' logits; without

@@ -33,11 +33,12 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxllm.errors import ConfigError
+from jaxllm.models import cpu_attention
 from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
 
-IMPLS = ("auto", "xla", "cudnn", "pallas_gpu", "splash")
+IMPLS = ("auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash")
 # jax.nn.dot_product_attention takes no segment ids through jax 0.11.0 (only per-row
 # query/key lengths), so packed rows cannot go to cuDNN through the public API.
 CUDNN_TAKES_SEGMENT_IDS = False
@@ -76,6 +77,8 @@ def _lacks(name: str, platform: str, f: AttentionFeatures) -> str | None:
     return None
   if f.decode:
     return "KV-cache decoding (q_len != kv_len), which runs on xla only"
+  if name == "cpu":
+    return None
   if name == "cudnn":
     if platform != "gpu":
       return f"platform {platform} (cuDNN runs on CUDA GPUs only)"
@@ -124,6 +127,8 @@ def resolve_impl(impl: str, platform: str, features: AttentionFeatures) -> tuple
   if platform == "tpu":
     why = _lacks("splash", platform, features)
     return ("xla", f"splash cannot take {why}") if why else ("splash", "TPU splash attention")
+  if platform == "cpu":
+    return "cpu", "the XLA-CPU-laid-out attention (jaxllm/models/cpu_attention.py)"
   return "xla", f"{platform}: the XLA reference"
 
 
@@ -214,6 +219,9 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
     bias = alibi_term if bias is None else bias + alibi_term
   if name == "xla":
     return _xla(q, k, v, segment_ids, causal, in_prefix, bias)
+  if name == "cpu":
+    mask = reference_mask(seq_len, segment_ids, in_prefix, causal, batch)
+    return cpu_attention.attention(q, k, v, mask, bias, causal)
   if name == "cudnn":
     return _cudnn(q, k, v, causal, in_prefix, bias)
   kernel = _pallas_gpu if name == "pallas_gpu" else _splash

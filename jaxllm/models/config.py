@@ -43,7 +43,7 @@ class ModelConfig:
   dtype: str = "float32"         # compute dtype
   param_dtype: str = "float32"   # storage dtype of the master weights
   remat: str = "none"            # none | dots | full
-  attention_impl: str = "auto"   # auto | xla | cudnn | pallas_gpu | splash (docs/attention.md)
+  attention_impl: str = "auto"   # auto | xla | cpu | cudnn | pallas_gpu | splash (docs/attention.md)
   # auto: cpu_vjp on the CPU backend, xla elsewhere | xla: plain lax.dot_general |
   # cpu_vjp: Dense backwards laid out for XLA CPU (jaxllm/models/cpu_matmul.py)
   matmul_impl: str = "auto"
@@ -76,7 +76,7 @@ class ModelConfig:
                           ("norm", ("layernorm", "rmsnorm")),
                           ("activation", ("gelu_tanh", "gelu", "relu", "silu", "swiglu", "geglu")),
                           ("remat", ("none", "dots", "full")),
-                          ("attention_impl", ("auto", "xla", "cudnn", "pallas_gpu", "splash")),
+                          ("attention_impl", ("auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash")),
                           ("matmul_impl", ("auto", "xla", "cpu_vjp")),
                           ("dtype", tuple(_DTYPES)), ("param_dtype", tuple(_DTYPES)),
                           ("family", ("gpt", "bert"))):
