@@ -221,7 +221,8 @@ def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None,
     return _xla(q, k, v, segment_ids, causal, in_prefix, bias)
   if name == "cpu":
     mask = reference_mask(seq_len, segment_ids, in_prefix, causal, batch)
-    return cpu_attention.attention(q, k, v, mask, bias, causal)
+    # Prefix-LM rows see later prefix keys: only a plain causal mask lets blocks be skipped.
+    return cpu_attention.attention(q, k, v, mask=mask, bias=bias, causal=causal and in_prefix is None)
   if name == "cudnn":
     return _cudnn(q, k, v, causal, in_prefix, bias)
   kernel = _pallas_gpu if name == "pallas_gpu" else _splash
