@@ -110,7 +110,7 @@ def _backward(causal, residuals, grad_out):
   scale = q.shape[-1] ** -0.5
   grad_v = jnp.einsum("bkrs,bkrh->bksh", probs.astype(grad_out.dtype), grad_out)
   grad_probs = jnp.einsum("bkrh,bksh->bkrs", grad_out, v, preferred_element_type=jnp.float32)
-  row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  row = jnp.sum(probs * grad_probs, axis=-1, keepdims=True)
   grad_scores = probs * (grad_probs - row)  # d loss / d (scaled scores + bias)
   grad_scaled = grad_scores.astype(q.dtype)
   grad_q = jnp.einsum("bkrs,bksh->bkrh", grad_scaled, k) * jnp.asarray(scale, q.dtype)
