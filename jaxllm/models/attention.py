@@ -2,11 +2,12 @@
 
 The model passes integer `segment_ids` (packed documents), the causal flag, per-token
 `in_prefix` flags (prefix-LM) and positions; it never builds a dense mask. Only the `xla`
-reference does (`reference_mask`). The kernels, and what each takes (see docs/attention.md):
+reference and `cpu` do (`masks.reference_mask`). The kernels, and what each takes (see docs/attention.md):
 
 | impl         | segment ids | causal / full | prefix-LM      | GQA          | bias (ALiBi) | dtypes          | decode |
 |--------------|-------------|---------------|----------------|--------------|--------------|-----------------|--------|
 | `xla`        | yes         | yes           | yes            | yes          | yes          | any             | yes    |
+| `cpu`        | yes         | yes           | yes            | yes          | yes          | any             | no     |
 | `cudnn`      | no          | yes           | yes (2 calls)  | yes          | yes          | bf16, f16       | no     |
 | `pallas_gpu` | yes         | yes           | yes (2 calls)  | kv repeated  | no           | bf16, f16, f32  | no     |
 | `splash`     | yes         | yes           | yes (2 calls)  | yes          | no           | bf16, f32       | no     |
@@ -17,6 +18,8 @@ features. Prefix-LM on a kernel is two kernel calls, exact when each segment's p
 first tokens (what the SFT pipeline builds): a query inside the prefix sees its document's
 prefix both ways (full attention over segment ids split at the prefix), a query after it sees
 its document causally; the output takes, per query, the call that applies.
+`cpu` (jaxllm/models/cpu_attention.py) is the reference's math with a backward laid out for
+XLA CPU; `auto` picks it on the CPU backend only.
 On CPU a Pallas kernel asked for by name runs in interpret mode (slow; for tests).
 With a mesh of more than one device the Pallas kernels run under `shard_map`: batch over
 the mesh axes of the logical `batch` axis, heads over those of `heads` (jaxllm.sharding).
@@ -34,6 +37,7 @@ from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxllm.errors import ConfigError
 from jaxllm.models import cpu_attention
+from jaxllm.models.masks import alibi_bias, reference_mask
 from jaxllm.sharding import LOGICAL_RULES
 
 Array = jax.Array
@@ -130,49 +134,6 @@ def resolve_impl(impl: str, platform: str, features: AttentionFeatures) -> tuple
   if platform == "cpu":
     return "cpu", "the XLA-CPU-laid-out attention (jaxllm/models/cpu_attention.py)"
   return "xla", f"{platform}: the XLA reference"
-
-
-def reference_mask(q_len: int, segment_ids: Array | None = None, in_prefix: Array | None = None,
-                   causal: bool = True, batch: int = 1) -> Array | None:
-  """Boolean [batch, 1, q_len, q_len] mask (True = may attend), or None for plain causal:
-  the only dense mask jaxllm builds, for the xla path.
-
-  segment_ids [batch, seq]: tokens only see tokens of the same segment (padding, id 0, is a
-  segment too, so no row is empty). in_prefix [batch, seq] bool (prefix-LM): with causal,
-  query i also sees every key j of its segment that is in the prefix, later ones included;
-  each segment's prefix is its first tokens, so the prefix sees itself both ways and the
-  rest of the segment stays causal.
-  """
-  if segment_ids is None and in_prefix is None:
-    return None
-  mask = jnp.ones((batch, q_len, q_len), bool)
-  if causal:
-    i = jnp.arange(q_len)[:, None]
-    j = jnp.arange(q_len)[None, :]
-    allowed = j <= i
-    if in_prefix is not None:
-      allowed = allowed | in_prefix[:, None, :].astype(bool)
-    mask = mask & allowed
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return mask[:, None, :, :]
-
-
-def alibi_slopes(num_heads: int) -> Array:
-  """Per-head ALiBi slopes (Press et al.; the Bloom variant for head counts that aren't powers of 2)."""
-  closest = 2 ** math.floor(math.log2(num_heads))
-  base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-  slopes = [base ** (i + 1) for i in range(closest)]
-  if closest != num_heads:
-    extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-    slopes += [extra_base ** (2 * i + 1) for i in range(num_heads - closest)]
-  return jnp.asarray(slopes, jnp.float32)
-
-
-def alibi_bias(num_heads: int, q_positions: Array, k_positions: Array) -> Array:
-  """[batch, heads, q_len, k_len] bias slope * (key_pos - query_pos); per-row constants cancel in softmax."""
-  rel = (k_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)
-  return alibi_slopes(num_heads)[None, :, None, None] * rel[:, None, :, :]
 
 
 def attention(q: Array, k: Array, v: Array, *, segment_ids: Array | None = None, causal: bool = True,

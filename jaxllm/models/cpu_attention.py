@@ -5,9 +5,11 @@ CPU run the softmax's backward as several passes over the [batch, heads, q, k] s
 transpose them between the batched matmuls: 41 ms for one GPT-2 layer's attention (8 x 256
 tokens, 6 heads of 64) where PyTorch's fused CPU kernel takes 13 ms. This version keeps the
 normalised probabilities from the forward and runs the flash-attention backward on them,
-    dS = P * (dP - rowsum(dO * O)),   dP = dO V^T,
-so the backward is four matmuls and one elementwise pass; the causal mask (unless a dense
-mask is given) is built from iotas inside the fusion that reads the scores.
+    dS = P * (dP - rowsum(P * dP)),   dP = dO V^T,
+so the backward is four matmuls and one elementwise pass. (rowsum(P * dP) equals the usual
+rowsum(dO * O); written with O, XLA fuses a second P V matmul into the backward to rebuild it.)
+The causal mask is built from iotas inside the fusion that reads the scores, and causal rows
+run in query blocks that skip the keys after each block (BLOCK).
 
 It is plain JAX and exact (the same softmax, in float32), so it runs anywhere, but it is laid
 out for the CPU backend only: `attention_impl='auto'` picks it on CPU, never on GPU or TPU,
@@ -101,12 +103,12 @@ def _attention(q, k, v, mask, bias, causal):
 def _forward(q, k, v, mask, bias, causal):
   probs = _probs(q, k, mask, bias, causal)
   out = jnp.einsum("bkrs,bksh->bkrh", probs.astype(v.dtype), v)
-  return out, (q, k, v, out, probs, mask, bias)
+  return out, (q, k, v, probs, mask, bias)
 
 
 def _backward(causal, residuals, grad_out):
   del causal  # the probabilities are zero where masked
-  q, k, v, out, probs, mask, bias = residuals
+  q, k, v, probs, mask, bias = residuals
   scale = q.shape[-1] ** -0.5
   grad_v = jnp.einsum("bkrs,bkrh->bksh", probs.astype(grad_out.dtype), grad_out)
   grad_probs = jnp.einsum("bkrh,bksh->bkrs", grad_out, v, preferred_element_type=jnp.float32)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.attention import alibi_bias
+from jaxllm.models.masks import alibi_bias
 from jaxllm.models.layers import (HIDDEN, Attention, KVCache, Mlp, Visibility, constrain, make_norm, tied_logits)
 
 Array = jax.Array
