@@ -144,8 +144,8 @@ def test_kernel_matches_xla(impl, case, dtype):
                 in_prefix=None if in_prefix is None else jnp.asarray(in_prefix))
   ref = value_and_grads(lambda q, k, v: attention(q, k, v, impl="xla", **kwargs), q, k, v, cotangent)
   cast = lambda x: x.astype(dtype)  # noqa: E731
-  got = value_and_grads(lambda q, k, v: attention(q, k, v, impl=impl, **kwargs),
-                        cast(q), cast(k), cast(v), cotangent)
+  run = lambda q, k, v: attention(q, k, v, impl=impl, **kwargs)  # noqa: E731
+  got = value_and_grads(jax.jit(run) if impl == "cpu" else run, cast(q), cast(k), cast(v), cotangent)
   out_tol, grad_tol = TOLERANCE[dtype]
   for name, x, r, tol in zip(("out", "dq", "dk", "dv"), got, ref, (out_tol,) + (grad_tol,) * 3):
     assert bool(jnp.all(jnp.isfinite(x))), f"{name} has non-finite values"
@@ -211,7 +211,7 @@ def test_cpu_kernel_matches_xla_causal_and_alibi(alibi, kv_heads):
 
   def grads(impl):
     loss = lambda q, k, v, b: jnp.sum(attention(q, k, v, bias=b if alibi else None, impl=impl) * cotangent)  # noqa: E731
-    return jax.value_and_grad(loss, (0, 1, 2, 3))(q, k, v, bias)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))(q, k, v, bias)
 
   (want_loss, want), (got_loss, got) = grads("xla"), grads("cpu")
   assert abs(float(got_loss - want_loss)) < 1e-4 * abs(float(want_loss))
@@ -234,10 +234,10 @@ def test_cpu_kernel_query_blocks_match_xla(packed, kv_heads, alibi, block):
   positions = jnp.broadcast_to(jnp.arange(seq), (2, seq))
   bias = attn.alibi_bias(heads, positions, positions) if alibi else None
   mask = attn.reference_mask(seq, segment_ids, None, True, 2)
-  want = value_and_grads(lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, bias=bias, impl="xla"),
-                         q, k, v, cotangent)
-  got = value_and_grads(lambda q, k, v: cpu_attention.attention(q, k, v, mask=mask, bias=bias, causal=True,
-                                                                block=block), q, k, v, cotangent)
+  want = value_and_grads(jax.jit(lambda q, k, v: attention(q, k, v, segment_ids=segment_ids, bias=bias,
+                                                            impl="xla")), q, k, v, cotangent)
+  got = value_and_grads(jax.jit(lambda q, k, v: cpu_attention.attention(q, k, v, mask=mask, bias=bias, causal=True,
+                                                                        block=block)), q, k, v, cotangent)
   for name, x, r in zip(("out", "dq", "dk", "dv"), got, want):
     assert rel_err(x, r) < 1e-5, f"{name}: {rel_err(x, r):.2e}"
 

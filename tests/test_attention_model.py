@@ -36,7 +36,7 @@ def test_packed_training_on_a_2x2x2_mesh_is_the_same_on_every_kernel(tmp_path):
   common = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.packing": "document", "train.steps": 3,
             "train.eval_steps": 0, "model.position": "rotary", "model.use_bias": False}
   reference, _ = _train_losses(tmp_path, "xla", **common, **{"model.attention_impl": "xla"})
-  for impl in ("cpu", "pallas_gpu", "splash"):
+  for impl in ("pallas_gpu", "splash"):  # cpu: auto's pick here, so every training test runs it
     got, _ = _train_losses(tmp_path, impl, **common, **{"model.attention_impl": impl})
     np.testing.assert_allclose(got, reference, rtol=2e-5, err_msg=impl)
 

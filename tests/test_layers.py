@@ -81,15 +81,19 @@ def test_matmul_impls_give_the_same_loss_and_gradients(tie_embeddings):
 
 
 def test_forward_mode_autodiff_works_through_the_xla_matmuls():
+  """The accelerator path (plain matmuls, no CPU attention) has forward mode; the CPU variants'
+  custom_vjps (matmul_impl=cpu_vjp, attention_impl=cpu) do not."""
   loss, params = _gpt_loss(ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
-                                       max_seq_len=16, matmul_impl="xla"))
+                                       max_seq_len=16, matmul_impl="xla", attention_impl="xla"))
   tangent = jax.tree.map(jnp.ones_like, params)
   _, forward = jax.jvp(loss, (params,), (tangent,))
   reverse = sum(jnp.sum(g) for g in jax.tree.leaves(jax.grad(loss)(params)))  # <grad, ones>
   np.testing.assert_allclose(forward, reverse, rtol=1e-4)
-  with pytest.raises(TypeError):  # the CPU variant's custom_vjp has no forward mode
-    jax.jvp(_gpt_loss(ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
-                                  max_seq_len=16, matmul_impl="cpu_vjp"))[0], (params,), (tangent,))
+  for cpu_variant in ({"matmul_impl": "cpu_vjp", "attention_impl": "xla"},
+                      {"matmul_impl": "xla", "attention_impl": "cpu"}):
+    with pytest.raises(TypeError):  # a custom_vjp has no forward mode
+      jax.jvp(_gpt_loss(ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4,
+                                    max_seq_len=16, **cpu_variant))[0], (params,), (tangent,))
 
 
 def test_auto_picks_the_cpu_variant_on_cpu_only():

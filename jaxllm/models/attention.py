@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
 from jaxllm.errors import ConfigError
-from jaxllm.models import cpu_attention
+import jaxllm.models.cpu_attention as cpu_attention
 from jaxllm.models.masks import alibi_bias, reference_mask
 from jaxllm.sharding import LOGICAL_RULES
 
