@@ -67,17 +67,14 @@ def test_the_switch_is_only_for_the_cpu_backend(monkeypatch):
 
 
 def test_commands_turn_it_on_before_any_import_and_library_imports_do_not():
-  code = "import sys; from jaxllm import cpu_runtime; print(cpu_runtime._applied)"
-  plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-  assert plain.stdout.strip() == "False"
-  import jaxllm  # pylint: disable=import-outside-toplevel
-  monkey_argv = ["python", "-m", "jaxllm.train", "--config", "x"]
-  original = getattr(sys, "orig_argv", None)
-  try:
-    sys.orig_argv = monkey_argv
-    assert jaxllm._running_a_command()  # pylint: disable=protected-access
-    sys.orig_argv = ["python", "-m", "pytest"]
-    assert not jaxllm._running_a_command()  # pylint: disable=protected-access
-  finally:
-    if original is not None:
-      sys.orig_argv = original
+  """The hook in jaxllm/__init__.py: a process started as `python -m jaxllm.<command>` has the
+  switch on as soon as the package is imported; any other process (`import jaxllm`) does not."""
+  code = ("import sys; sys.orig_argv = {argv!r}; import jaxllm.cpu_runtime as c; print(c._applied)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  def applied(argv):
+    out = subprocess.run([sys.executable, "-c", code.format(argv=argv)], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    return out.strip().splitlines()[-1]
+  assert applied(["python", "-m", "jaxllm.train", "--config", "c.py"]) == "True"
+  assert applied(["python", "-m", "pytest"]) == "False"
+  assert applied(["python", "-c", "import jaxllm"]) == "False"

@@ -59,11 +59,11 @@ def attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, bias: 
         bias.shape[0], num_kv_heads, groups, seq_len, seq_len)
   block = block or BLOCK
   size = block if causal and seq_len % block == 0 and seq_len >= 2 * block else seq_len
+  rows = lambda x: x.reshape(x.shape[0], x.shape[1], groups * size, x.shape[-1])  # noqa: E731
   outs = []
   for start in range(0, seq_len, size):
     end = start + size
     keys = end if causal else seq_len  # a causal block sees no key after its last query
-    rows = lambda x: x.reshape(x.shape[0], x.shape[1], groups * size, x.shape[-1])  # noqa: E731
     block_mask = block_bias = None
     if mask is not None:
       block_mask = jnp.tile(mask[:, :, start:end, :keys], (1, 1, groups, 1))
