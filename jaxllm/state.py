@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxllm import faults, optim
+from jaxllm import cpu_compile, faults, optim
 from jaxllm.config_types import RunConfig
 from jaxllm.models import ModelConfig, build_model, lora
 from jaxllm.models.gpt import GPT, output_head
@@ -161,12 +161,14 @@ def compile_steps(setup: Setup, config: RunConfig | Any, mesh: jax.sharding.Mesh
   The trainer and the benchmark run these same functions.
   """
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  options = cpu_compile.step_compiler_options(list(mesh.devices.flat))  # {} off the CPU backend
   step_fn = functools.partial(train_step, apply_fn=setup.apply_fn, optimizer=setup.optimizer,
                               schedule=setup.schedule, grad_accum=config.train.grad_accum, mesh=mesh,
                               loss_fn=setup.loss_fn)
   jit_train = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sharding, replicated(mesh)),
-                      out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,))
+                      out_shardings=(setup.state_shardings, replicated(mesh)), donate_argnums=(0,),
+                      compiler_options=options)
   jit_eval = jax.jit(functools.partial(eval_step, apply_fn=setup.apply_fn),
                      in_shardings=(setup.state_shardings, batch_sharding),
-                     out_shardings=replicated(mesh))
+                     out_shardings=replicated(mesh), compiler_options=options)
   return jit_train, jit_eval
