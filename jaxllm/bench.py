@@ -64,12 +64,14 @@ def step_memory_bytes(compiled: Any) -> float:
 
 
 def matmul_probes(size: int = 2048) -> list[tuple[str, Callable[[], None]]]:
-  """One f32 [size, size] matmul in JAX and, if installed, in PyTorch, as timed callables."""
+  """One f32 [size, size] matmul in JAX (compiled as the steps are, jaxllm/cpu_compile.py) and,
+  if installed, in PyTorch, as timed callables."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jaxllm import cpu_compile  # pylint: disable=import-outside-toplevel
   host = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
   a = jnp.asarray(host)
-  matmul = jax.jit(lambda x: x @ x)
+  matmul = jax.jit(lambda x: x @ x, compiler_options=cpu_compile.step_compiler_options(jax.devices()[:1]))
   probes = [("jax", lambda: matmul(a).block_until_ready())]
   try:
     import torch  # pylint: disable=import-outside-toplevel

@@ -13,9 +13,13 @@ key and value projections) into one oneDNN partition, which fails to compile and
 process with an illegal instruction when the step runs.
 
 Only the steps that jaxllm compiles get these options, never the user's own `jax.jit`s, and
-only when their devices are CPUs. The first call compiles and runs a small probe with them;
-on a jaxlib without oneDNN, or one that no longer takes these option names, the probe fails
-and every step compiles as XLA's default does. `JAXLLM_CPU_ONEDNN=0` turns it off.
+only when their devices are CPUs. The first call compiles and runs a small probe with them on
+this process's own CPU; on a jaxlib without oneDNN, or one that no longer takes these option
+names, the probe fails and every step compiles as XLA's default does. Where jax's persistent
+compilation cache is on (`JAX_COMPILATION_CACHE_DIR`), the steps also compile without them:
+XLA cannot serialize an executable with oneDNN thunks ("ToProto is not implemented for thunk
+kind: onednn-fusion"), so such a step would never be cached and every compile would warn.
+`JAXLLM_CPU_ONEDNN=0` turns it off.
 """
 
 from __future__ import annotations
@@ -49,11 +53,19 @@ def _onednn_dots_work(device: Any) -> bool:
   return bool(np.allclose(batched, want, rtol=1e-4, atol=1e-4) and np.allclose(plain, want[0], rtol=1e-4, atol=1e-4))
 
 
+def persistent_cache_on() -> bool:
+  """Whether jax writes compiled programs to a persistent cache directory."""
+  return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+
+
 def step_compiler_options(devices: Sequence[Any]) -> dict[str, Any]:
   """The XLA options for a step that runs on `devices`: ONEDNN_DOTS on CPUs where they work
-  (and JAXLLM_CPU_ONEDNN is not 0), nothing anywhere else."""
-  if os.environ.get("JAXLLM_CPU_ONEDNN", "1") == "0":
+  (unless JAXLLM_CPU_ONEDNN is 0 or the persistent cache is on), nothing anywhere else."""
+  if os.environ.get("JAXLLM_CPU_ONEDNN", "1") == "0" or persistent_cache_on():
     return {}
   if not devices or any(d.platform != "cpu" for d in devices):
     return {}
-  return dict(ONEDNN_DOTS) if _onednn_dots_work(devices[0]) else {}
+  # The probe runs on one of this process's devices: in a multi-process run the others
+  # belong to other hosts.
+  local = [d for d in devices if d.process_index == jax.process_index()] or jax.local_devices(backend="cpu")
+  return dict(ONEDNN_DOTS) if _onednn_dots_work(local[0]) else {}
