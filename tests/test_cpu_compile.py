@@ -98,3 +98,17 @@ def test_the_train_step_really_uses_it(tmp_path):
   # the softmax backward with it in its own library. The 2 layers run unrolled.
   assert len(batched) >= 2 * 4, len(batched)
   assert len(onednn) - len(batched) >= 2 * 3 * 6, len(onednn)  # q, k, v, out, fc, proj: forward + 2 backward
+
+
+def test_a_resumed_run_with_onednn_dots_repeats_the_unbroken_one_bit_for_bit(tmp_path):
+  """oneDNN's dots are deterministic from one compile to the next: 3 steps, then a resume to 6,
+  give the unbroken 6-step run's losses exactly (the schedule pinned by decay_steps)."""
+  assert cpu_compile.step_compiler_options(jax.devices()[:1]) == cpu_compile.ONEDNN_DOTS
+  common = {"train.checkpoint_every": 3, "optim.decay_steps": 6, "train.eval_every": 6}
+  unbroken = _losses(tmp_path, "unbroken", **{"train.steps": 6, **common})
+  _losses(tmp_path, "resumed", **{"train.steps": 3, **common})
+  resumed = _losses(tmp_path, "resumed", **{"train.steps": 6, **common})
+  assert [s for s, _, _ in resumed] == [1, 2, 3, 4, 5, 6]
+  # The first leg also evaluated at its last step (3); the losses and the final eval match.
+  assert [l for _, l, _ in resumed] == [l for _, l, _ in unbroken]
+  assert resumed[-1][2] == unbroken[-1][2] is not None
