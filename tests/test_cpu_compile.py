@@ -66,13 +66,12 @@ def test_two_dots_into_one_add_compile_and_run():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
-def test_training_with_onednn_dots_equals_xla_default(tmp_path, monkeypatch, model):
-  """Same losses and eval losses with the switch on (the trained default) and off."""
-  overrides = LLAMA if model == "llama" else {}
-  on = _losses(tmp_path, "on", **overrides)
+def test_llama_trains_with_onednn_dots_as_with_xla_default(tmp_path, monkeypatch):
+  """Same losses and eval loss with the switch on (the default) and off: rotary, RMSNorm,
+  SwiGLU (the gate x up product of two dots), grouped-query attention, an untied head."""
+  on = _losses(tmp_path, "on", **LLAMA)
   monkeypatch.setenv("JAXLLM_CPU_ONEDNN", "0")
-  off = _losses(tmp_path, "off", **overrides)
+  off = _losses(tmp_path, "off", **LLAMA)
   assert [s for s, _, _ in on] == [s for s, _, _ in off] == [1, 2, 3, 4]
   np.testing.assert_allclose([l for _, l, _ in on], [l for _, l, _ in off], rtol=1e-5)
   np.testing.assert_allclose(on[-1][2], off[-1][2], rtol=1e-5)
@@ -100,15 +99,20 @@ def test_the_train_step_really_uses_it(tmp_path):
   assert len(onednn) - len(batched) >= 2 * 3 * 6, len(onednn)  # q, k, v, out, fc, proj: forward + 2 backward
 
 
-def test_a_resumed_run_with_onednn_dots_repeats_the_unbroken_one_bit_for_bit(tmp_path):
-  """oneDNN's dots are deterministic from one compile to the next: 3 steps, then a resume to 6,
-  give the unbroken 6-step run's losses exactly (the schedule pinned by decay_steps)."""
+def test_gpt2_with_onednn_dots_resumes_bit_for_bit_and_trains_as_xla_default(tmp_path, monkeypatch):
+  """oneDNN's dots are deterministic from one compile to the next: 2 steps, then a resume to 4,
+  give the unbroken 4-step run's losses exactly (the schedule pinned by decay_steps), and those
+  equal the run with the switch off to 1e-5."""
   assert cpu_compile.step_compiler_options(jax.devices()[:1]) == cpu_compile.ONEDNN_DOTS
-  common = {"train.checkpoint_every": 3, "optim.decay_steps": 6, "train.eval_every": 6}
-  unbroken = _losses(tmp_path, "unbroken", **{"train.steps": 6, **common})
-  _losses(tmp_path, "resumed", **{"train.steps": 3, **common})
-  resumed = _losses(tmp_path, "resumed", **{"train.steps": 6, **common})
-  assert [s for s, _, _ in resumed] == [1, 2, 3, 4, 5, 6]
-  # The first leg also evaluated at its last step (3); the losses and the final eval match.
+  common = {"train.checkpoint_every": 2, "optim.decay_steps": 4}
+  unbroken = _losses(tmp_path, "unbroken", **common)
+  _losses(tmp_path, "resumed", **{"train.steps": 2, **common})
+  resumed = _losses(tmp_path, "resumed", **common)
+  assert [s for s, _, _ in resumed] == [1, 2, 3, 4]
+  # The first leg also evaluated at its last step (2); the losses and the final eval match.
   assert [l for _, l, _ in resumed] == [l for _, l, _ in unbroken]
   assert resumed[-1][2] == unbroken[-1][2] is not None
+  monkeypatch.setenv("JAXLLM_CPU_ONEDNN", "0")
+  off = _losses(tmp_path, "off", **common)
+  np.testing.assert_allclose([l for _, l, _ in unbroken], [l for _, l, _ in off], rtol=1e-5)
+  np.testing.assert_allclose(unbroken[-1][2], off[-1][2], rtol=1e-5)
