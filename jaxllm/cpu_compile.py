@@ -55,15 +55,16 @@ def _onednn_dots_work(device: Any) -> bool:
 
 def persistent_cache_on() -> bool:
   """Whether jax writes compiled programs to a persistent cache directory."""
-  return bool(jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir)
+  return bool(getattr(jax.config, "jax_enable_compilation_cache", True)
+              and getattr(jax.config, "jax_compilation_cache_dir", None))
 
 
 def step_compiler_options(devices: Sequence[Any]) -> dict[str, Any]:
   """The XLA options for a step that runs on `devices`: ONEDNN_DOTS on CPUs where they work
   (unless JAXLLM_CPU_ONEDNN is 0 or the persistent cache is on), nothing anywhere else."""
-  if os.environ.get("JAXLLM_CPU_ONEDNN", "1") == "0" or persistent_cache_on():
-    return {}
   if not devices or any(d.platform != "cpu" for d in devices):
+    return {}
+  if os.environ.get("JAXLLM_CPU_ONEDNN", "1") == "0" or persistent_cache_on():
     return {}
   # The probe runs on one of this process's devices: in a multi-process run the others
   # belong to other hosts.
