@@ -100,13 +100,14 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0,
   return batch
 
 
-def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
-  """Compiles the trainer's step for `remat`; returns (row, timed step callable or None)."""
+def compile_train_step(config: Any, remat: str, mesh: Any):
+  """The trainer's train step for `remat`, compiled against abstract state and a random batch's
+  shapes: (setup, compiled step, the host batch, compile seconds)."""
   import jax  # pylint: disable=import-outside-toplevel
   from jaxllm import checkpoint  # pylint: disable=import-outside-toplevel
   from jaxllm.config import validate  # pylint: disable=import-outside-toplevel
   from jaxllm.config_types import RunConfig  # pylint: disable=import-outside-toplevel
-  from jaxllm.sharding import batch_sharding, make_global_batch  # pylint: disable=import-outside-toplevel
+  from jaxllm.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
   from jaxllm.state import compile_steps, make_setup  # pylint: disable=import-outside-toplevel
 
   config = config.copy_and_resolve_references()
@@ -115,16 +116,24 @@ def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
   model_cfg = validate(config, jax.device_count())
   setup = make_setup(config, model_cfg, mesh)
   jit_train, _ = compile_steps(setup, config, mesh)
-  batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  row = Row(f"jaxllm remat={remat}")
   abstract_state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  packing = config.data.packing
-  host_batch = random_batch(batch_size, seq_len, model_cfg.vocab_size, packing=packing)
+  host_batch = random_batch(config.train.batch_size, config.data.seq_len, model_cfg.vocab_size,
+                            packing=config.data.packing)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh))
                     for k, v in host_batch.items()}
   start = time.perf_counter()
   compiled = jit_train.lower(abstract_state, abstract_batch, jax.random.key(0)).compile()
-  row.compile_s = time.perf_counter() - start
+  return setup, compiled, host_batch, time.perf_counter() - start
+
+
+def jax_variant(config: Any, remat: str, mesh: Any, allocate: bool = True):
+  """Compiles the trainer's step for `remat`; returns (row, timed step callable or None)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxllm.sharding import make_global_batch  # pylint: disable=import-outside-toplevel
+
+  setup, compiled, host_batch, compile_s = compile_train_step(config, remat, mesh)
+  row = Row(f"jaxllm remat={remat}")
+  row.compile_s = compile_s
   row.memory_bytes = step_memory_bytes(compiled)
   if not allocate:
     return row, None

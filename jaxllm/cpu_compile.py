@@ -2,9 +2,10 @@
 
 XLA CPU runs a batched matmul, such as attention's [batch x heads] score and value products, in
 its default library on one thread: 125-130 GFLOP/s on 2 cores where PyTorch's runs at 300. Its
-oneDNN library runs them on every core (240-256 GFLOP/s) and the plain matmuls of the layers
-5-15% faster too; the whole train step of configs/bench_gpt_cpu.py goes from 880-895 ms to
-826-838 ms (docs/performance.md, "CPU guard: oneDNN dots").
+oneDNN library runs them on every core (240-256 GFLOP/s), most plain matmuls of the layers 3-8%
+faster and the output head's weight gradient half again as fast; the train step of
+configs/bench_gpt_cpu.py went from 897 and 850 ms to 818 and 771 ms in alternating runs
+(docs/performance.md, "CPU guard: oneDNN dots").
 
 XLA ships oneDNN off, and this switch turns it on for dots only, each dot on its own
 (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`). The `dot` mode, which also fuses a dot's neighbours,

@@ -8,12 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxllm import checkpoint, cpu_compile, train
-from jaxllm.bench import random_batch
-from jaxllm.config import validate
-from jaxllm.config_types import RunConfig
-from jaxllm.sharding import batch_sharding, make_mesh
-from jaxllm.state import compile_steps, make_setup
+from jaxllm import cpu_compile, train
+from jaxllm.bench import compile_train_step
+from jaxllm.sharding import make_mesh
 from tests.helpers import make_tiny_config
 from tests.test_train import _metrics
 
@@ -80,15 +77,9 @@ def test_llama_trains_with_onednn_dots_as_with_xla_default(tmp_path, monkeypatch
 def test_the_train_step_really_uses_it(tmp_path):
   """The trainer's compiled step (tiny GPT-2, attention_impl auto = cpu on CPU) runs its layer
   matmuls and attention's batched products in oneDNN, one dot per fusion."""
-  config = make_tiny_config(tmp_path, **{"mesh.data": 1})
-  config = RunConfig.from_config(config)
-  mesh = make_mesh(config.mesh, jax.devices()[:1])
-  setup = make_setup(config, validate(config, 1), mesh)
-  jit_train, _ = compile_steps(setup, config, mesh)
-  abstract_state = checkpoint.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  host_batch = random_batch(8, 32, 384, packing=config.data.packing)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh)) for k, v in host_batch.items()}
-  hlo = jit_train.lower(abstract_state, batch, jax.random.key(0)).compile().as_text()
+  config = make_tiny_config(tmp_path)  # data parallel over the 8 simulated devices
+  _, compiled, _, _ = compile_train_step(config, "none", make_mesh(config.mesh))
+  hlo = compiled.as_text()
   bodies = dict(re.findall(r"^%(\S+) .*?\{\n(.*?)\n\}", hlo, re.S | re.M))
   onednn = [bodies[name] for name in re.findall(r"calls=%([\w.]+), .*?__onednn_fusion", hlo)]
   assert all(body.count(" dot(") == 1 for body in onednn)
